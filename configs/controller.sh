@@ -1,0 +1,31 @@
+# Sourced by every config after it sets `name=$0`. Positional interface of the original:
+#   bash configs/<...>.sh EXP NGPU local [extra main.py args]
+#   bash configs/<...>.sh EXP NGPU slurm QUOTA_TYPE PARTITION [extra main.py args]
+# Work dir: the config's path with configs/ -> logs/ and .sh -> /EXP; the console log of every run
+# is appended to <work_dir>/exp_<timestamp>.txt.
+exp=${1:-test}
+gpu=${2:-8}
+type=${3:-local}
+if [ "$type" = "local" ]; then
+    extra_args=" ${*:4:99}"
+else
+    quotatype=${4:-auto}
+    partition=${5:-1}
+    extra_args=" ${*:6:99}"
+fi
+
+work_dir=${name/#configs/logs}
+work_dir=${work_dir//.sh//$exp}
+mkdir -p "$work_dir"
+now=$(date +%Y%m%d_%H%M%S)
+data_path=${data_path:-data/coco}
+# so that the package's modules resolve when configs are run from the repository root
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
+
+if [ "$type" = "local" ]; then
+    # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without a GPU main.py uses the gloo backend on CPU.
+    header="torchrun --standalone --nproc_per_node=$gpu main.py "
+else
+    # submitit: NGPU tasks (several nodes when NGPU exceeds --gpus_per_node), requeue on preemption.
+    header="python scripts/submit_slurm.py --ngpus $gpu --partition $partition --quotatype $quotatype --job_name $exp --job_dir $work_dir -- "
+fi

@@ -1,0 +1,115 @@
+"""The CORA detector: frozen CLIP trunk, anchor pre-matching, DAB-DETR localizer, CLIP region scores."""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from models.backbone import Joiner
+from models.clip import TextClassifier
+from models.mlp import MLP
+from models.prematch import novel_indices_for, prematch_anchors
+from models.region_head import detection_logits, region_embeddings
+from models.transformer import Transformer
+from util.box_ops import inverse_sigmoid
+from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+
+
+class CORA(nn.Module):
+    """Open-vocabulary detector (CVPR 2023). Submodule names give the original's state-dict keys.
+
+    Training predicts one class-agnostic objectness logit per query; at eval the class scores
+    are CLIP's classification of the predicted boxes times the objectness probability.
+    """
+
+    def __init__(self, *, backbone: Joiner, transformer: Transformer, classifier: TextClassifier,
+                 num_queries: int = 1000, text_dim: int = 1024, condition_bottleneck: int = 128,
+                 input_proj_groupnorm: bool = False, objectness_prior: bool = False,
+                 target_class_factor: float = 1.0, eval_tau: float = 100.0):
+        super().__init__()
+        hidden_dim = transformer.d_model
+        num_dec = transformer.num_decoder_layers
+        self.backbone = backbone
+        self.transformer = transformer
+        self.classifier = classifier
+        self.query_embed = nn.Embedding(num_queries, 4)
+        in_channels = backbone.trunk.num_channels[0]
+        proj = [nn.Conv2d(in_channels, hidden_dim, kernel_size=1)]
+        if input_proj_groupnorm:
+            # The original adds GroupNorm when --epochs < 25 ("introduced by accident"); kept for its key layout.
+            proj.append(nn.GroupNorm(32, hidden_dim))
+        self.input_proj = nn.ModuleList([nn.Sequential(*proj)])
+        box_head = MLP(hidden_dim, hidden_dim, 4, 3)
+        nn.init.zeros_(box_head.layers[-1].weight)
+        nn.init.zeros_(box_head.layers[-1].bias)
+        self.bbox_embed = nn.ModuleList([copy.deepcopy(box_head) for _ in range(num_dec)])
+        self.transformer.decoder.bbox_embed = self.bbox_embed
+        self.objectness_embed = nn.Linear(hidden_dim, 1)
+        if objectness_prior:
+            nn.init.constant_(self.objectness_embed.bias, -math.log((1 - 0.01) / 0.01))
+        self.text_proj = MLP(text_dim, condition_bottleneck, hidden_dim, 2)
+        self.target_class_factor = target_class_factor
+        self.eval_tau = eval_tau
+
+    @staticmethod
+    def _as_nested(samples) -> NestedTensor:
+        if isinstance(samples, NestedTensor):
+            return samples
+        if isinstance(samples, (list, tuple)):
+            return nested_tensor_from_tensor_list(list(samples))
+        if torch.is_tensor(samples) and samples.ndim == 4:
+            mask = torch.zeros(samples.shape[0], *samples.shape[-2:], dtype=torch.bool, device=samples.device)
+            return NestedTensor(samples, mask)
+        raise TypeError(f"samples: expected a NestedTensor, a [B,3,H,W] tensor or a list of [3,H,W] tensors, "
+                        f"found {type(samples).__name__}")
+
+    def forward(self, samples, categories: Sequence[str], *, split_class: bool = False,
+                novel_indices: Sequence[int] | None = None) -> dict:
+        """Detect `categories` in `samples` (NestedTensor, `[B,3,H,W]` tensor or list of `[3,H,W]`).
+
+        Returns `pred_boxes [B',Q,4]` cxcywh in 0..1 of each unpadded image, `pred_logits`
+        (train: objectness `[B',Q,1]`; eval: inverse-sigmoid class scores `[B,Q,C]`),
+        `proposal_classes [B',Q]`, `anchor_index [B',Q]` (query_embed row of each query),
+        `aux_outputs` (earlier decoder layers, objectness logits). With `split_class`
+        (training) B' = 2B: the classes are split at random in two halves, one per batch copy.
+        novel_indices: classes boosted by `target_class_factor` at eval; defaults to COCO OVD's
+        novel classes when `categories` is the 65-name list.
+        """
+        samples = self._as_nested(samples)
+        features, pos = self.backbone(samples)
+        text = self.classifier(categories)
+        split_mask = torch.rand_like(text[:, 0]) > 0.5 if split_class else None
+        boost = 1.0 if self.training else self.target_class_factor
+        if boost != 1.0 and novel_indices is None:
+            novel_indices = novel_indices_for(categories)
+        matched = prematch_anchors(self.query_embed.weight, features["layer4"], self.backbone.trunk.attn_pool, text,
+                                   boost_factor=boost, boost_indices=novel_indices, split_mask=split_mask)
+        content = self.text_proj(text)[matched.classes].transpose(0, 1)  # [Q,B',d]
+        layer3 = features["layer3"]
+        src = self.input_proj[0](layer3.tensors)
+        hs, references, _ = self.transformer(src, layer3.mask, matched.refpoints, pos, content)
+        boxes = torch.stack([
+            (head(h) + inverse_sigmoid(ref, eps=1e-5)).sigmoid()
+            for head, h, ref in zip(self.bbox_embed, hs, references)
+        ])
+        objectness = self.objectness_embed(hs)  # one head shared by all layers
+        out = {
+            "pred_logits": objectness[-1],
+            "pred_boxes": boxes[-1],
+            "proposal_classes": matched.classes,
+            "anchor_index": matched.anchor_index,
+            "aux_outputs": [
+                {"pred_logits": o, "pred_boxes": b, "proposal_classes": matched.classes}
+                for o, b in zip(objectness[:-1], boxes[:-1])
+            ],
+        }
+        if split_class:
+            out["split_class"] = True
+        if not self.training:
+            emb = region_embeddings(self.backbone.trunk, layer3, list(boxes[-1].unbind(0)))
+            emb = emb.reshape(*boxes.shape[1:3], -1)
+            out["pred_logits"] = detection_logits(emb, text, objectness[-1], tau=self.eval_tau)
+        return out

@@ -1,0 +1,135 @@
+"""Anchor pre-matching (SPEC §3.6): classify every learned anchor with CLIP before the decoder.
+
+Each anchor box is pooled from the layer4 map by a cheap variant of CLIP's attention pool,
+compared with the text embeddings of the categories, and given its arg-max class. Anchors are
+then reordered per image so that anchors of one class are contiguous, and each anchor's decoder
+content query becomes the projected text embedding of its class.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from models.backbone import valid_sizes
+from models.clip import multi_head_pool
+from models.region_head import boxes_to_feature_xyxy
+from util.nested_tensor import NestedTensor
+
+PREMATCH_TAU = 100.0  # softmax temperature, hard-coded in the original
+BACKGROUND_LOGIT = -1.0  # constant background similarity; its column is dropped after the softmax
+PREMATCH_CHUNK = 256  # RoIs per pooling call: bounds memory (RN50: 256 x 3 x 2048 x 7 x 7 floats)
+
+# The 17 novel classes of COCO OVD as indices into the 65-class list in category-id order.
+COCO_OVD_CATEGORIES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "bench", "bird",
+    "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "kite", "skateboard", "surfboard", "bottle",
+    "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot",
+    "pizza", "donut", "cake", "chair", "couch", "bed", "toilet", "tv", "laptop", "mouse", "remote",
+    "keyboard", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "toothbrush",
+)
+COCO_OVD_NOVEL_INDICES = (4, 5, 11, 12, 15, 16, 21, 23, 27, 29, 32, 34, 45, 47, 54, 58, 63)
+
+
+def novel_indices_for(categories: Sequence[str]) -> tuple[int, ...] | None:
+    """The classes the eval-time novel boost applies to, when `categories` is a list it knows.
+
+    COCO OVD's 65 names are recognised here; LVIS's rare classes come from the dataset's
+    `frequency` field (the caller passes them), since the 1203 names are not shipped.
+    """
+    if tuple(categories) == COCO_OVD_CATEGORIES:
+        return COCO_OVD_NOVEL_INDICES
+    return None
+
+
+@dataclass
+class PrematchResult:
+    classes: torch.Tensor  # [B',Q] pre-matched class per output query (sorted ascending)
+    anchor_index: torch.Tensor  # [B',Q] row of query_embed each output query came from
+    refpoints: torch.Tensor  # [Q,B',4] reordered anchor logits (unsigmoided cxcywh), with grad
+
+
+def efficient_region_embeddings(attn_pool: nn.Module, layer4: NestedTensor, boxes: torch.Tensor,
+                                chunk_size: int = PREMATCH_CHUNK) -> torch.Tensor:
+    """Pre-matching's pooling of `boxes [B,N,4]` (cxcywh in 0..1) on layer4 -> `[B,N,D]`, L2-normalised.
+
+    q/k/v projections (with biases) are applied to every pixel first and then RoI-aligned at S x S;
+    the query is the mean of the aligned q vectors, keys/values are the S*S aligned k/v vectors, each
+    plus the positional embedding's projection (no bias). The mean token is thus never a key or value,
+    unlike CLIP's own pooling ("I keep a bug here to trade accuracy for efficiency"), and RoIAlign's
+    zeros outside the map attenuate the biases of boxes crossing the border. Runs in fp32.
+    """
+    b, n, _ = boxes.shape
+    grid = round((attn_pool.positional_embedding.shape[0] - 1) ** 0.5)
+    pe = attn_pool.positional_embedding.float()
+    with torch.autocast(device_type=boxes.device.type, enabled=False):
+        x = layer4.tensors.float().permute(0, 2, 3, 1)
+        weight = torch.cat([attn_pool.q_proj.weight, attn_pool.k_proj.weight, attn_pool.v_proj.weight]).float()
+        bias = torch.cat([attn_pool.q_proj.bias, attn_pool.k_proj.bias, attn_pool.v_proj.bias]).float()
+        qkv = F.linear(x, weight, bias).permute(0, 3, 1, 2).contiguous()  # [B,3E,h,w]
+        q_pe = pe[:1] @ attn_pool.q_proj.weight.float().t()  # [1,E]
+        k_pe = pe[1:] @ attn_pool.k_proj.weight.float().t()  # [S*S,E]
+        v_pe = pe[1:] @ attn_pool.v_proj.weight.float().t()
+        sizes = valid_sizes(layer4.mask)
+        rois = boxes_to_feature_xyxy(boxes.float(), sizes)
+        # One RoI list over the batch, in image-major order, with the image index in column 0.
+        batch_index = torch.arange(b, device=boxes.device, dtype=rois.dtype).repeat_interleave(n)[:, None]
+        rois = torch.cat([batch_index, rois.reshape(-1, 4)], dim=1)
+        e = q_pe.shape[-1]
+        out = []
+        for chunk in rois.split(chunk_size):
+            aligned = roi_align(qkv, chunk, output_size=(grid, grid), spatial_scale=1.0,
+                                sampling_ratio=-1, aligned=True)  # [K,3E,S,S]
+            aligned = aligned.flatten(2).transpose(1, 2)  # [K,S*S,3E]
+            q = aligned[..., :e].mean(dim=1, keepdim=True) + q_pe
+            k = aligned[..., e:2 * e] + k_pe
+            v = aligned[..., 2 * e:] + v_pe
+            pooled = multi_head_pool(q, k, v, attn_pool.num_heads)[:, 0]
+            out.append(F.linear(pooled, attn_pool.c_proj.weight.float(), attn_pool.c_proj.bias.float()))
+        emb = torch.cat(out) if out else qkv.new_zeros(0, attn_pool.c_proj.out_features)
+    return F.normalize(emb, dim=-1).reshape(b, n, -1)
+
+
+def prematch_anchors(anchors: torch.Tensor, layer4: NestedTensor, attn_pool: nn.Module, text_features: torch.Tensor,
+                     *, boost_factor: float = 1.0, boost_indices: Sequence[int] | None = None,
+                     split_mask: torch.Tensor | None = None) -> PrematchResult:
+    """Assign each anchor a class and reorder the anchors by class, per image.
+
+    anchors: `query_embed.weight [Q,4]` (logits of cxcywh). text_features `[C,D]` (normalised).
+    boost_factor multiplies the probabilities of `boost_indices` before the arg-max (the original's
+    eval-time `--target_class_factor` on novel classes). split_mask `[C]` bool (split_class training):
+    the batch doubles; the first half sees only classes where it is False, the second only where True.
+    """
+    b = layer4.tensors.shape[0]
+    q = anchors.shape[0]
+    with torch.no_grad():
+        boxes = anchors.detach().sigmoid()[None].expand(b, q, 4)
+        roi = efficient_region_embeddings(attn_pool, layer4, boxes)  # [B,Q,D]
+        if split_mask is None:
+            sims = roi @ text_features.t()
+        else:
+            first = text_features.masked_fill(split_mask[:, None], 0)
+            second = text_features.masked_fill(~split_mask[:, None], 0)
+            sims = torch.cat([roi @ first.t(), roi @ second.t()])  # [2B,Q,C]
+        sims = torch.cat([sims, torch.full_like(sims[..., :1], BACKGROUND_LOGIT)], dim=-1)
+        prob = torch.softmax(PREMATCH_TAU * sims, dim=-1)[..., :-1]
+        if boost_factor != 1.0:
+            if boost_indices is None:
+                raise ValueError(
+                    f"target_class_factor {boost_factor} boosts the novel classes of COCO OVD (65 names) or "
+                    f"LVIS (rare classes), but the category list ({prob.shape[-1]} names) is neither; "
+                    f"use target_class_factor 1 for other vocabularies"
+                )
+            idx = torch.as_tensor(list(boost_indices), device=prob.device)
+            prob[..., idx] = prob[..., idx] * boost_factor
+        classes = prob.argmax(dim=-1)
+        # Stable, so the order is reproducible on every device; the decoder treats queries as a set.
+        classes, order = classes.sort(dim=-1, stable=True)
+    refpoints = anchors[order].transpose(0, 1)  # [Q,B',4], keeps the gradient to query_embed
+    return PrematchResult(classes=classes, anchor_index=order, refpoints=refpoints)
