@@ -86,8 +86,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
 def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_loader: Iterable, evaluator,
              device: torch.device, *, categories: Sequence[str], novel_indices: Sequence[int] | None = None,
              print_freq: int = 100) -> tuple[dict[str, float], object]:
-    """Detections for every val image into `evaluator`; returns the meters' averages and the evaluator
-    (accumulated and summarised). The loss is logged as the original does, on class-agnostic targets."""
+    """Detections for every val image into `evaluator`; returns the meters' averages with the metric
+    summary under `coco_eval_bbox` (COCO OVD: the 16 numbers; LVIS: a dict) and the evaluator.
+    The loss is logged as the original does, on class-agnostic targets."""
     model.eval()
     criterion.eval()
     logger = MetricLogger()
@@ -111,5 +112,6 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_
     print("Averaged stats:", logger, flush=True)
     evaluator.synchronize_between_processes()
     evaluator.accumulate()
-    evaluator.summarize()
-    return logger.global_averages(), evaluator
+    stats = logger.global_averages()
+    stats["coco_eval_bbox"] = evaluator.summarize()
+    return stats, evaluator

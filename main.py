@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
 
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.ovd_eval import CocoOVDEvaluator, LvisEvaluator
@@ -108,6 +108,26 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 
+def rng_state() -> dict:
+    """This process's random states, so that a resumed run continues exactly (augmentation, split_class)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # plain tensors and numbers only, so that the checkpoint loads with weights_only=True
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def rare_class_indices(dataset) -> list[int] | None:
     """LVIS: indices (into the category list) of the rare classes, read from the json's `frequency`."""
     cats = getattr(dataset, "coco", None) and dataset.coco.cats
@@ -137,7 +157,9 @@ def make_loaders(args, dataset_train, dataset_val):
             sampler_train = DistributedSampler(dataset_train) if dataset_train is not None else None
         sampler_val = DistributedSampler(dataset_val, shuffle=False)
     else:
-        sampler_train = RandomSampler(dataset_train) if dataset_train is not None else None
+        # One replica: the shuffle is seeded by the epoch (set_epoch), so a resumed run sees the same order.
+        sampler_train = (DistributedSampler(dataset_train, num_replicas=1, rank=0, seed=args.seed)
+                         if dataset_train is not None else None)
         sampler_val = SequentialSampler(dataset_val)
     loader_train = None
     if dataset_train is not None:
@@ -154,13 +176,12 @@ def run_evaluation(args, model, criterion, postprocessors, loader_val, dataset_v
     novel = rare_class_indices(dataset_val) if args.dataset_file == "lvis" else None
     test_stats, evaluator = evaluate(model, criterion, postprocessors, loader_val, evaluator, device,
                                      categories=dataset_val.category_list, novel_indices=novel)
-    stats = evaluator.summarize()
+    stats = test_stats["coco_eval_bbox"]
     if dist.is_main_process() and output_dir:
         with open(output_dir / "results_bbox.json", "w") as f:
             json.dump(evaluator.results_json(), f)
         if hasattr(evaluator, "table"):
             print(evaluator.table(), flush=True)
-    test_stats["coco_eval_bbox"] = stats if isinstance(stats, list) else list(stats.values())
     return test_stats, stats, evaluator
 
 
@@ -228,6 +249,8 @@ def main(args):
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
         args.start_epoch = checkpoint["epoch"] + 1
         best_performance = checkpoint.get("best_performance", 0.0)
+        if "rng_state" in checkpoint:
+            set_rng_state(checkpoint["rng_state"])
     del checkpoint
 
     print("Start training")
@@ -244,7 +267,8 @@ def main(args):
             return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                     "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
                     "best_performance": best_performance,
-                    "model_ema": model_ema.state_dict() if model_ema is not None else -1}
+                    "model_ema": model_ema.state_dict() if model_ema is not None else -1,
+                    "rng_state": rng_state()}
 
         if output_dir and dist.is_main_process():
             save_checkpoint(snapshot(), output_dir / "checkpoint.pth")

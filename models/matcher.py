@@ -63,11 +63,13 @@ class HungarianMatcher(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         solver: AssignmentSolver = scipy_assignment,
+        remove_misclassified: bool = True,
     ):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("HungarianMatcher: all matching costs are 0")
         self.cost_class = cost_class
+        self.remove_misclassified = remove_misclassified
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
         self.focal_alpha = focal_alpha
@@ -97,7 +99,7 @@ class HungarianMatcher(nn.Module):
         # [B, Q, ΣT]; ΣT given explicitly so that a batch without any GT box works
         cost = cost.view(bs, num_queries, len(tgt_ids))
 
-        if "proposal_classes" in outputs:
+        if self.remove_misclassified and "proposal_classes" in outputs:
             # A GT only "has a class" in its own image (−1 elsewhere): cross-image pairs are never valid.
             images = torch.arange(bs, device=cost.device)
             sizes_t = torch.as_tensor([len(t["boxes"]) for t in targets], device=cost.device)
@@ -128,5 +130,6 @@ class HungarianMatcher(nn.Module):
 
 def build_matcher(args) -> HungarianMatcher:
     return HungarianMatcher(
-        cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox, cost_giou=args.set_cost_giou
+        cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox, cost_giou=args.set_cost_giou,
+        remove_misclassified=args.remove_misclassified,
     )

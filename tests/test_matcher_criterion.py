@@ -31,6 +31,7 @@ def _criterion(dec_layers: int = 3) -> SetCriterion:
         focal_alpha=0.25,
         dec_layers=dec_layers,
         aux_loss=True,
+        remove_misclassified=True,
     )
     return build_criterion(args, build_matcher(args))
 
@@ -387,3 +388,18 @@ def test_weight_dict():
     assert build_weight_dict(
         cls_loss_coef=2.0, bbox_loss_coef=5.0, giou_loss_coef=2.0, dec_layers=6, aux_loss=False
     ) == {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+
+
+def test_without_remove_misclassified_proposal_classes_are_ignored():
+    """--remove_misclassified off: a GT whose class no query has is still matched (no 99 mask)."""
+    outputs = {
+        "pred_logits": torch.zeros(1, 2, 1),
+        "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]]]),
+        "proposal_classes": torch.tensor([[3, 3]]),
+    }
+    targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "labels": torch.tensor([0]),
+                "ori_labels": torch.tensor([7])}]
+    ((q, t),) = HungarianMatcher(remove_misclassified=False)(outputs, targets)
+    assert q.tolist() == [0] and t.tolist() == [0]
+    ((q, t),) = HungarianMatcher(remove_misclassified=True)(outputs, targets)
+    assert q.tolist() == [] and t.tolist() == []

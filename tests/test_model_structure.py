@@ -25,6 +25,20 @@ def read_listing(path):
     return rows
 
 
+def _assert_same_layout(actual, expected):
+    """Same keys with the same shape, dtype, kind, trainability and aliasing; the trainable keys in the
+    same order (optimizer states are stored by position). open_clip registers a text block's `ln_1`
+    before `attn`, so the frozen classifier keys come in another order, which loading ignores."""
+    got = {row[0]: row for row in actual}
+    want = {row[0]: row for row in expected}
+    assert got.keys() == want.keys(), (sorted(got.keys() - want.keys())[:10], sorted(want.keys() - got.keys())[:10])
+    for key in want:
+        assert got[key] == want[key], f"{got[key]} != {want[key]}"
+    assert [r[0] for r in actual if r[4]] == [r[0] for r in expected if r[4]]
+    assert [r[0] for r in actual if not r[0].startswith("classifier.")] == \
+        [r[0] for r in expected if not r[0].startswith("classifier.")]
+
+
 def describe(model):
     params = {id(p) for p in model.parameters()}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -44,10 +58,7 @@ def test_state_dict_matches_reference_listing(name, extra):
     args = get_args_parser().parse_args(CONFIG_ARGV + extra)
     model = build_cora(args, KNOWN_ARCHITECTURES[name])
     expected = read_listing(os.path.join(REFERENCE_DIR, f"state_dict_{name}.txt"))
-    actual = describe(model)
-    assert [r[0] for r in actual] == [r[0] for r in expected]
-    for got, want in zip(actual, expected):
-        assert got == want, f"{got} != {want}"
+    _assert_same_layout(describe(model), expected)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert n_trainable == {"RN50": 12_088_388, "RN50x4": 12_104_772}[name]
 
@@ -57,4 +68,4 @@ def test_tiny_model_matches_golden_listing():
 
     model, _, _ = build_model(golden.model_args())
     expected = read_listing(golden.path("state_dict_tiny.txt"))
-    assert describe(model) == expected
+    _assert_same_layout(describe(model), expected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 
@@ -48,18 +49,11 @@ def test_val_resize_parameters_match_golden():
 
 
 def _coffee_input() -> Image.Image:
-    """scikit-image's 400×600 coffee.png, the input of the golden resize (not shipped in golden/photos)."""
-    shipped = os.path.join(golden.GOLDEN_DIR, "photos", "coffee.png")
-    if os.path.exists(shipped):
-        return Image.open(shipped).convert("RGB")
-    try:
-        from skimage import data
-    except ImportError:
-        pytest.skip(
-            "the 400x600 coffee.png input is neither in golden/photos/coffee.png "
-            "nor available from scikit-image"
-        )
-    return Image.fromarray(data.coffee())
+    """scikit-image's 400x600 coffee.png (CC0), the input of the golden resize, shipped in assets/samples."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "samples", "coffee.png")
+    with open(path, "rb") as f:
+        assert hashlib.md5(f.read()).hexdigest() == "f24210802e8d0690e0c1c2302f907cc4", "not scikit-image's coffee.png"
+    return Image.open(path).convert("RGB")
 
 
 def test_val_resize_of_coffee_is_pixel_exact():
