@@ -158,6 +158,15 @@ def test_references_keep_gradient_and_first_is_sigmoid_of_anchors():
     assert all(p.grad is None or not p.grad.any() for head in model.decoder.bbox_embed[1:] for p in head.parameters())
 
 
+def test_next_layer_reference_is_detached():
+    """Layer 1 starts from layer 0's boxes without gradient: refs[2] does not reach layer 0's box head."""
+    model = small_transformer(dropout=0.0).train()
+    _, refs, _ = model(*random_inputs(bs=2, queries=6, batch=2))
+    refs[2].sum().backward()
+    assert model.decoder.bbox_embed[1].layers[2].weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in model.decoder.bbox_embed[0].parameters())
+
+
 def test_dropout_is_active_only_in_training():
     model = small_transformer(dropout=0.5)
     inputs = random_inputs(bs=2, queries=6, batch=2)
