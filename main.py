@@ -278,8 +278,12 @@ def main(args):
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                      "n_parameters": n_parameters}
         if (epoch + 1) % args.eval_every_epoch == 0:
+            # Evaluation draws random numbers too (the val resize's random.choice, loader seeds); it leaves
+            # the states as it found them, so that a run resumed from checkpoint.pth continues identically.
+            state = rng_state()
             test_stats, stats, evaluator = run_evaluation(args, eval_model, criterion, postprocessors, loader_val,
                                                           dataset_val, device, output_dir)
+            set_rng_state(state)
             log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
             performance = best_metric(args, stats)
             if performance > best_performance:
