@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from util.ema import ModelEMA
 from util.nested_tensor import collate_fn
 from util.optim import build_optimizer
+from util.rng import rng_state, set_rng_state
 from util.run_info import write_run_info
 
 
@@ -106,26 +106,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist_url", default="env://")
     return p
 
-
-
-def rng_state() -> dict:
-    """This process's random states, so that a resumed run continues exactly (augmentation, split_class)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    # plain tensors and numbers only, so that the checkpoint loads with weights_only=True
-    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def rare_class_indices(dataset) -> list[int] | None:
@@ -253,6 +233,12 @@ def main(args):
             set_rng_state(checkpoint["rng_state"])
     del checkpoint
 
+    def snapshot(epoch: int, best: float) -> dict:
+        """The original's checkpoint layout, plus the RNG states for an exact resume."""
+        return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args, "best_performance": best,
+                "model_ema": model_ema.state_dict() if model_ema is not None else -1, "rng_state": rng_state()}
+
     print("Start training")
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
@@ -263,17 +249,11 @@ def main(args):
                                       model_ema=model_ema, split_class_p=args.split_class_p)
         lr_scheduler.step()
 
-        def snapshot() -> dict:
-            return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
-                    "best_performance": best_performance,
-                    "model_ema": model_ema.state_dict() if model_ema is not None else -1,
-                    "rng_state": rng_state()}
 
         if output_dir and dist.is_main_process():
-            save_checkpoint(snapshot(), output_dir / "checkpoint.pth")
+            save_checkpoint(snapshot(epoch, best_performance), output_dir / "checkpoint.pth")
             if (epoch + 1) % args.save_every_epoch == 0:
-                save_checkpoint(snapshot(), output_dir / f"checkpoint{epoch:04}.pth")
+                save_checkpoint(snapshot(epoch, best_performance), output_dir / f"checkpoint{epoch:04}.pth")
 
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                      "n_parameters": n_parameters}
@@ -289,7 +269,7 @@ def main(args):
             if performance > best_performance:
                 best_performance = performance
                 if args.save_best and output_dir and dist.is_main_process():
-                    save_checkpoint(snapshot(), output_dir / "checkpoint_best.pth")
+                    save_checkpoint(snapshot(epoch, best_performance), output_dir / "checkpoint_best.pth")
             if output_dir and dist.is_main_process():
                 (output_dir / "eval").mkdir(exist_ok=True)
                 state = evaluator.eval_state()

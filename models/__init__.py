@@ -37,7 +37,7 @@ def clip_state_dict_from_detector(weights: dict[str, torch.Tensor]) -> dict[str,
 def build_cora(args, arch: CLIPArchitecture, clip_state_dict: dict[str, torch.Tensor] | None = None,
                region_prompt: dict[str, torch.Tensor] | None = None) -> CORA:
     """The detector for a CLIP architecture; CLIP weights from `clip_state_dict` (OpenAI names) if given,
-    else random (for loading a full checkpoint afterwards)."""
+    else random (the layout of the published configs, e.g. to check a checkpoint's keys)."""
     if args.text_dim != arch.output_dim:
         raise ValueError(f"--text_dim {args.text_dim} does not match the CLIP embedding size {arch.output_dim} "
                          f"of --backbone {args.backbone}")
@@ -70,14 +70,10 @@ def build_model(args, checkpoint_weights: dict[str, torch.Tensor] | None = None)
     if checkpoint_weights is not None:
         clip_sd = clip_state_dict_from_detector(checkpoint_weights)
         arch = architecture_from_state_dict(clip_sd, source="checkpoint")
-        model = build_cora(args, arch)
-        # keep the checkpoint's dtypes for the two tensors the original assigns with `.data =`
-        model.classifier.text_projection.data = model.classifier.text_projection.data.to(clip_sd["text_projection"].dtype)
-        model.classifier.positional_embedding.data = model.classifier.positional_embedding.data.to(
-            clip_sd["positional_embedding"].dtype)
+        prompt = None  # the checkpoint's attention pool already holds the region prompt
     else:
         arch, clip_sd = read_clip_archive(resolve_archive_path(args.backbone, args.model_path))
         prompt = load_region_prompt(args.region_prompt_path, arch) if args.region_prompt_path else None
-        model = build_cora(args, arch, clip_sd, prompt)
+    model = build_cora(args, arch, clip_sd, prompt)
     criterion = build_criterion(args, build_matcher(args))
     return model, criterion, build_postprocessors(args)

@@ -139,7 +139,8 @@ def load_region_prompt(path: str, arch: CLIPArchitecture) -> dict[str, torch.Ten
         raise ValueError(f"--region_prompt_path {path}: cannot be read as a tensor dict ({e})") from e
     expected = {"attnpool.positional_embedding": (arch.attnpool_grid ** 2 + 1, arch.trunk_width)}
     if not isinstance(prompt, dict) or not prompt:
-        raise ValueError(f"--region_prompt_path {path}: expected a non-empty dict of tensors, found {type(prompt).__name__}")
+        raise ValueError(f"--region_prompt_path {path}: expected a non-empty dict of tensors, "
+                         f"found {type(prompt).__name__}")
     for key, value in prompt.items():
         if key not in expected:
             raise ValueError(
@@ -214,7 +215,8 @@ class TextClassifier(nn.Module):
                  projection_dtype: torch.dtype = torch.float16, positional_dtype: torch.dtype = torch.float32):
         super().__init__()
         if not 2 <= text_len <= arch.context_length:
-            raise ValueError(f"--text_len {text_len}: must be between 2 and the CLIP context length {arch.context_length}")
+            raise ValueError(f"--text_len {text_len}: must be between 2 and the CLIP context length "
+                             f"{arch.context_length}")
         self.text_len = text_len
         # Registration order = the original's state-dict order; the two tensors below keep the
         # archive's dtypes (the original assigns them with `.data =`).
@@ -263,7 +265,8 @@ class TextClassifier(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """`[N, text_len]` token ids -> `[N, D]` (unnormalised) text embeddings."""
-        x = self.token_embedding(tokens) + self.positional_embedding[: self.text_len].to(self.token_embedding.weight.dtype)
+        x = self.token_embedding(tokens)
+        x = x + self.positional_embedding[: self.text_len].to(x.dtype)
         x = self.transformer(x, attn_mask=self.attn_mask)
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]

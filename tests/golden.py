@@ -37,7 +37,8 @@ def load_json(name: str):
         return json.load(f)
 
 
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel_of_max: float = 1e-4, atol: float = 1e-5, what: str = ""):
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel_of_max: float = 1e-4, atol: float = 1e-5,
+                     what: str = ""):
     """max |a - e| <= rel_of_max * max|e| + atol (the README's rule for intermediates)."""
     actual = actual.detach().float().cpu()
     expected = expected.detach().float().cpu()

@@ -1,6 +1,5 @@
 """CLIP archives, region prompts and checkpoints: reading them safely, and the errors for bad ones."""
 import argparse
-import io
 import os
 import pickle
 import zipfile

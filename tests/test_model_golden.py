@@ -62,9 +62,9 @@ def _check_detections(results, ref_results, out, ref_out, ref_anchor_index, post
     for b, (res, ref, traced) in enumerate(zip(results, ref_results, ref_traced)):
         assert torch.equal(traced["labels"], ref["labels"]) and torch.allclose(traced["boxes"], ref["boxes"])
         assert torch.equal(traced["scores"], ref["scores"])
-        ours = {(int(a), int(l)): (s, bx) for a, l, s, bx in
+        ours = {(int(a), int(lab)): (s, bx) for a, lab, s, bx in
                 zip(out["anchor_index"][b][res["query_index"]], res["labels"], res["scores"], res["boxes"])}
-        theirs = {(int(a), int(l)): (s, bx) for a, l, s, bx in
+        theirs = {(int(a), int(lab)): (s, bx) for a, lab, s, bx in
                   zip(ref_anchor_index[b][traced["query_index"]], ref["labels"], ref["scores"], ref["boxes"])}
         assert ours.keys() == theirs.keys(), "detections (anchor, label) differ"
         for key, (s, bx) in ours.items():
@@ -87,12 +87,11 @@ def test_eval_batch_matches_original(tiny, factor, name):
     golden.assert_close_rel(captured["src"], inter["input_proj"], what="input_proj")
     hs, references, memory = captured["transformer"]
     golden.assert_close_rel(memory, inter["transformer"]["memory"], what="memory")
-    golden.assert_close_rel(golden.per_anchor(hs.permute(1, 2, 0, 3).flatten(2), out["anchor_index"]),
-                            golden.per_anchor(inter["transformer"]["hs"].permute(1, 2, 0, 3).flatten(2), anchors),
-                            what="hs")
-    golden.assert_close_rel(golden.per_anchor(references.permute(1, 2, 0, 3).flatten(2), out["anchor_index"]),
-                            golden.per_anchor(inter["transformer"]["references"].permute(1, 2, 0, 3).flatten(2), anchors),
-                            what="references")
+    for name, ours in (("hs", hs), ("references", references)):
+        # [L,B,Q,C] -> per image and anchor [B,Q,L*C]
+        golden.assert_close_rel(golden.per_anchor(ours.permute(1, 2, 0, 3).flatten(2), out["anchor_index"]),
+                                golden.per_anchor(inter["transformer"][name].permute(1, 2, 0, 3).flatten(2), anchors),
+                                what=name)
 
     sizes = torch.stack([t["orig_size"] for t in inputs["targets"]])
     results = post(out, sizes)

@@ -2,7 +2,6 @@
 import os
 
 import pytest
-import torch
 
 from main import get_args_parser
 from models import build_cora

@@ -73,12 +73,12 @@ def test_golden_eval_forward(tiny_model, name):
 
     # the detector's box outputs: normalised hs, head inverse_sigmoid eps 1e-5
     with torch.no_grad():
-        boxes = [(transformer.decoder.bbox_embed[l](hs[l]) + inverse_sigmoid(references[l], eps=1e-5)).sigmoid()
-                 for l in range(3)]
+        boxes = [(transformer.decoder.bbox_embed[i](hs[i]) + inverse_sigmoid(references[i], eps=1e-5)).sigmoid()
+                 for i in range(3)]
     outputs = ev["outputs"]
     assert (boxes[2] - outputs["pred_boxes"]).abs().max() <= 1e-4
-    for l in range(2):
-        assert (boxes[l] - outputs["aux_outputs"][l]["pred_boxes"]).abs().max() <= 1e-4
+    for i in range(2):
+        assert (boxes[i] - outputs["aux_outputs"][i]["pred_boxes"]).abs().max() <= 1e-4
 
 
 def test_gen_sineembed_single_point():
@@ -106,7 +106,8 @@ def test_attention_without_in_projection_matches_explicit_softmax():
         got = attn(q, k, v, key_padding_mask=pad)
     heads_out = []
     for head in range(8):
-        qh, kh, vh = q[..., head * 64:(head + 1) * 64], k[..., head * 64:(head + 1) * 64], v[..., head * 32:(head + 1) * 32]
+        qh, kh = q[..., head * 64:(head + 1) * 64], k[..., head * 64:(head + 1) * 64]
+        vh = v[..., head * 32:(head + 1) * 32]
         scores = torch.einsum("lbc,sbc->bls", qh, kh) / 8
         scores = scores.masked_fill(pad[:, None, :], float("-inf"))
         heads_out.append(torch.einsum("bls,sbc->lbc", scores.softmax(-1), vh))

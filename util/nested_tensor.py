@@ -17,7 +17,8 @@ class NestedTensor:
         return self.tensors, self.mask
 
     def __repr__(self) -> str:
-        return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={None if self.mask is None else tuple(self.mask.shape)})"
+        mask = None if self.mask is None else tuple(self.mask.shape)
+        return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={mask})"
 
 
 def nested_tensor_from_tensor_list(tensor_list: list[torch.Tensor]) -> NestedTensor:
@@ -29,7 +30,8 @@ def nested_tensor_from_tensor_list(tensor_list: list[torch.Tensor]) -> NestedTen
         raise ValueError("nested_tensor_from_tensor_list: got an empty list of images")
     for i, img in enumerate(tensor_list):
         if img.ndim != 3:
-            raise ValueError(f"nested_tensor_from_tensor_list: image {i} has shape {tuple(img.shape)}, expected [C,H,W]")
+            raise ValueError(f"nested_tensor_from_tensor_list: image {i} has shape {tuple(img.shape)}, "
+                             f"expected [C,H,W]")
     max_size = [max(s) for s in zip(*[img.shape for img in tensor_list])]
     batch_shape = [len(tensor_list)] + max_size
     b, _, h, w = batch_shape
