@@ -1,6 +1,8 @@
 """`build_model(args) -> (model, criterion, postprocessors)`, the DETR-family entry point."""
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from models.backbone import build_backbone
@@ -32,6 +34,36 @@ def clip_state_dict_from_detector(weights: dict[str, torch.Tensor]) -> dict[str,
         elif key.startswith("classifier."):
             out[key[len("classifier."):]] = value
     return out
+
+
+MODEL_ARGS = ("backbone", "text_len", "pe_temperature", "enc_layers", "dec_layers", "dim_feedforward", "hidden_dim",
+              "dropout", "nheads", "num_queries", "text_dim", "condition_bottleneck", "anchor_pre_matching",
+              "condition_on_text", "disable_init", "target_class_factor", "aux_loss", "remove_misclassified",
+              "set_cost_class", "set_cost_bbox", "set_cost_giou", "cls_loss_coef", "bbox_loss_coef",
+              "giou_loss_coef", "focal_alpha", "use_nms", "no_nms", "dataset_file", "epochs")
+
+
+def args_for_weights(weights: dict[str, torch.Tensor], stored=None):
+    """Arguments that build the model of a CORA state dict: main.py's defaults, then the checkpoint's
+    stored `args` (an argparse.Namespace, if any), then what the tensors' shapes imply."""
+    from main import get_args_parser
+
+    args = get_args_parser().parse_args([])
+    stored = vars(stored or argparse.Namespace())
+    # only what defines the model; the stored run's device and paths (e.g. 'cuda') are not this run's
+    for key in MODEL_ARGS:
+        if key in stored:
+            setattr(args, key, stored[key])
+    arch = architecture_from_state_dict(clip_state_dict_from_detector(weights), source="checkpoint")
+    args.text_dim = arch.output_dim
+    args.num_queries = weights["query_embed.weight"].shape[0]
+    args.enc_layers = len({k.split(".")[3] for k in weights if k.startswith("transformer.encoder.layers.")})
+    args.dec_layers = len({k.split(".")[3] for k in weights if k.startswith("transformer.decoder.layers.")})
+    args.dim_feedforward = weights["transformer.encoder.layers.0.linear1.weight"].shape[0]
+    args.hidden_dim = weights["transformer.decoder.norm.weight"].shape[0]
+    args.condition_bottleneck = weights["text_proj.layers.0.weight"].shape[0]
+    args.epochs = 1 if any(k.startswith("input_proj.0.1.") for k in weights) else max(args.epochs, 25)
+    return args
 
 
 def build_cora(args, arch: CLIPArchitecture, clip_state_dict: dict[str, torch.Tensor] | None = None,
