@@ -3,6 +3,7 @@
 #   bash configs/<...>.sh EXP NGPU slurm QUOTA_TYPE PARTITION [extra main.py args]
 # Work dir: the config's path with configs/ -> logs/ and .sh -> /EXP; the console log of every run
 # is appended to <work_dir>/exp_<timestamp>.txt.
+# A config may set `entry=<script>` before sourcing this file (default main.py; local launches only).
 exp=${1:-test}
 gpu=${2:-8}
 type=${3:-local}
@@ -24,7 +25,7 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
 
 if [ "$type" = "local" ]; then
     # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without a GPU main.py uses the gloo backend on CPU.
-    header="torchrun --standalone --nproc_per_node=$gpu main.py "
+    header="torchrun --standalone --nproc_per_node=$gpu ${entry:-main.py} "
 else
     # submitit: NGPU tasks (several nodes when NGPU exceeds --gpus_per_node), requeue on preemption.
     header="python scripts/submit_slurm.py --ngpus $gpu --partition $partition --quotatype $quotatype --job_name $exp --job_dir $work_dir -- "

@@ -129,7 +129,10 @@ class HungarianMatcher(nn.Module):
 
 
 def build_matcher(args) -> HungarianMatcher:
+    from models.assignment import solver_for  # imports this module's scipy_assignment
+
     return HungarianMatcher(
         cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox, cost_giou=args.set_cost_giou,
         remove_misclassified=args.remove_misclassified,
+        solver=solver_for(getattr(args, "matcher_backend", "auto")),
     )

@@ -1,0 +1,284 @@
+"""Exact pruned region scoring at evaluation: CLIP-score only the queries that can change the detections.
+
+The full eval path (`CORA.forward`, `prune_eval=None`) runs CLIP's layer4 and attention pool on all
+Q final boxes of every image, although PostProcess keeps at most K = 100 (LVIS 300) detections.
+A detection's score is `class_prob × sigmoid(objectness)` with `class_prob ≤ 1`, so a query's
+objectness alone bounds every score it can produce. Here each image's queries are scored in chunks
+of descending bound, and scoring stops as soon as the detections PostProcess returns can no longer
+change. Unscored queries get the logit `FILL_LOGIT = inverse_sigmoid(0)` (the floor of the full
+path's logits, score ≈ 1e-5 < `SCORE_THRESHOLD`), so PostProcess never reads them; the boolean
+`scored_queries [B,Q]` says which queries hold their real scores.
+
+Why stopping is exact (NMS mode: score > 0.001, class-wise greedy NMS at IoU 0.5, first K).
+Let S_full be the candidate (query, class) pairs of the full path, S_p ⊆ S_full those of the
+scored queries (the same scores: the same functions on the same boxes), and β an upper bound on
+every score an unscored query can produce, as PostProcess reads it (below: roundtrip + slack).
+
+1. Greedy NMS visits candidates in descending score and keeps one iff no *kept* candidate visited
+   before it (same class) overlaps it with IoU > 0.5. So the keep decision of a candidate depends
+   only on the candidates with a higher score: an unscored candidate (score ≤ β) can never suppress
+   one with score > β, and a candidate it would have suppressed has a lower score still. By
+   induction over the visiting order, every candidate with score > β is kept in the full run iff it
+   is kept in the pruned run — provided both runs decide each pair (overlap or not) identically.
+2. The returned detections are the kept candidates in descending score, cut at K. If the pruned run
+   keeps at least K candidates and the K-th has score > β (strictly), then the first K kept of both
+   runs are the same candidates, in the same order, with the same scores.
+3. Pairwise decisions. torchvision's `batched_nms` computes IoUs in one of two ways, depending on the
+   number N of candidates (CPU: N > 1000, CUDA: N > 25000 → one `nms` per class on the raw boxes;
+   otherwise one `nms` on boxes shifted by `class × (max coordinate + 1)`). The shift rounds the
+   coordinates, so IoUs near 0.5 may round differently when the variant or the maximum coordinate
+   differs. Stopping therefore also requires one of: (a) the pruned run already has N_p above the
+   threshold (then N_full ≥ N_p is too: both per class, raw boxes); (b) N_full is certainly at or
+   below the threshold — N_p plus, per unscored query, at most ⌊β_q / 0.001⌋ classes (the class
+   probabilities sum to ≤ 1) — and no unscored query that can still be a candidate has a box
+   coordinate above the pruned run's maximum (then both runs shift by the same offsets); (c) every
+   same-class pair of candidates with score > β has an IoU whose rounding interval under either
+   variant (any shift up to C·(max|coordinate| + 1)) lies entirely on one side of 0.5
+   (`nms_decisions_certain`): then both runs take the exact-arithmetic decision for every pair that
+   matters.
+4. Otherwise scoring continues; once no unscored query can reach the 0.001 threshold the candidate
+   sets are equal and the result is the full one trivially (this also covers images with fewer than
+   K detections).
+
+Without NMS (top K of all Q×C scores) stopping needs the K-th score > β and > the fill's score.
+(There `topk` would also rank NaN scores first; a query whose class scores are NaN but whose
+objectness is finite cannot be bounded, so that mode assumes finite region scores. With NMS such
+queries are never candidates, in either run.)
+
+The bound. PostProcess reads `sigmoid(inverse_sigmoid(p × σ(o)))` with p ≤ 1 (softmax), so its score
+is at most `sigmoid(inverse_sigmoid(σ(o)))` up to float rounding (a few ulps); β multiplies that by
+(1 + 1e-4). NaN objectness gives β = ∞ (scored before stopping; such queries are then non-finite
+and dropped, as in the full path).
+
+Ties: the visiting order of equal scores is a sort's tie order. torchvision's CPU `nms` sorts stably
+and both runs list their candidates in the same (query, class) order, but the per-class variant's
+final `sort` (and `topk` without NMS) is not stable, so detections whose scores are *bit-identical*
+may come out in another order (or, at the K-th place, be exchanged for each other). Scores are the
+same functions on the same inputs; chunked matrix products may round them differently by ~1e-7
+relative, which could only reorder detections whose scores are that close.
+
+Logged evaluation losses: engine.evaluate's logging criterion reads `pred_logits` of every query, so
+under pruning its `loss_ce`/`class_error` (and matches) see the fill logits of unscored queries: the
+logged eval losses are not the full path's, the evaluation statistics are. `--no_prune_eval` gives
+the full path's logits everywhere.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from models.backbone import Backbone
+from models.postprocess import SCORE_THRESHOLD, PostProcess
+from models.region_head import detection_logits, region_embeddings
+from util.box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
+from util.nested_tensor import NestedTensor
+
+# Relative slack on the score bound: covers the few-ulp rounding of sigmoid/log/division and of the
+# softmax normalisation (≤ C × 2^-24 relative for C ≤ 1203 LVIS classes).
+BOUND_SLACK = 1e-4
+COUNT_SLACK = 1e-3
+FILL_LOGIT = math.log(1e-5)  # = inverse_sigmoid(0, eps=1e-5): the lowest logit the full path produces
+
+
+def nms_uses_per_class_variant(num_candidates: int, device: torch.device) -> bool:
+    """torchvision 0.29 `batched_nms`: per-class `nms` on raw boxes iff `boxes.numel() > 4000` on CPU
+    (`> 100_000` elsewhere), else one `nms` on class-shifted boxes (tests/test_pruned_eval.py checks
+    this against the installed torchvision)."""
+    return 4 * num_candidates > (4000 if device.type == "cpu" else 100_000)
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """What the pruned path must reproduce (PostProcess's settings) and its chunk schedule.
+
+    max_detections / use_nms: those of the PostProcess that reads the outputs. first_chunk: queries
+    scored per image in the first round; each later round scores `growth` times more (small steps:
+    on a CPU one box through layer4 costs far more than a stopping check, so overshoot is what
+    costs; 50 × 1.25ⁿ reaches 1000 queries in 9 rounds).
+    """
+
+    max_detections: int = 100
+    use_nms: bool = True
+    first_chunk: int = 50
+    growth: float = 1.25
+
+    @classmethod
+    def for_postprocess(cls, post: PostProcess, **kwargs) -> PruneSpec:
+        return cls(max_detections=post.max_detections, use_nms=post.use_nms, **kwargs)
+
+
+def score_bound(objectness: torch.Tensor) -> torch.Tensor:
+    """Upper bound β (with slack) of every score PostProcess can read for a query: `[...] -> [...]`."""
+    bound = inverse_sigmoid(objectness.sigmoid(), eps=1e-5).sigmoid() * (1 + BOUND_SLACK)
+    return torch.where(torch.isnan(bound), torch.full_like(bound, float("inf")), bound)
+
+
+def _can_stop(logits: torch.Tensor, boxes_xyxy: torch.Tensor, boxes: torch.Tensor, scored: torch.Tensor,
+              bound: torch.Tensor, potential: torch.Tensor, spec: PruneSpec, post: PostProcess) -> str | None:
+    """Why PostProcess on this image's current logits returns what it would on the full path, or None
+    if that is not certain yet: 'complete' (every query that can matter is scored), 'top_k' (no NMS),
+    'per_class' / 'same_shift' / 'certain_iou' (NMS: cases (a) / (b) / (c) of the module doc).
+
+    logits `[Q,C]` (real for scored queries, FILL_LOGIT elsewhere), boxes `[Q,4]` cxcywh and their xyxy,
+    scored / potential `[Q]` bool (potential: unscored queries that could still produce a detection),
+    bound `[Q]` (see `score_bound`).
+    """
+    remaining = potential & ~scored
+    if not bool(remaining.any()):
+        return "complete"  # every query that can matter is scored: the same candidates as the full path
+    beta = bound[remaining].max()
+    kept = post({"pred_logits": logits[None], "pred_boxes": boxes[None]},
+                torch.ones(1, 2, dtype=boxes.dtype, device=boxes.device))[0]["scores"]
+    if kept.numel() < spec.max_detections or not bool(kept[-1] > beta):
+        return None
+    if not spec.use_nms:
+        return "top_k" if bool(kept[-1] > torch.sigmoid(torch.tensor(FILL_LOGIT, dtype=kept.dtype))) else None
+    # the same candidate test as PostProcess, for the count and the maximum coordinate
+    prob = logits.sigmoid()
+    finite = torch.isfinite(boxes_xyxy).all(dim=1) & torch.isfinite(prob).all(dim=1)
+    query, label = torch.nonzero((prob > SCORE_THRESHOLD) & finite[:, None], as_tuple=True)
+    num_pruned = query.numel()
+    if nms_uses_per_class_variant(num_pruned, boxes.device):
+        return "per_class"  # (a): both runs per class on raw boxes
+    per_query = torch.floor(bound[remaining].double() * (1 + COUNT_SLACK) / SCORE_THRESHOLD)
+    upper = num_pruned + int(per_query.clamp(max=logits.shape[1]).sum().item())
+    if not nms_uses_per_class_variant(upper, boxes.device):
+        # (b): both runs shift by class × (max + 1); the same max gives the same IoUs
+        if bool(boxes_xyxy[remaining].float().max() <= boxes_xyxy[query].float().max()):
+            return "same_shift"
+    # (c): the decisions that matter are certain under either variant's rounding
+    above = prob[query, label] > beta
+    if nms_decisions_certain(boxes_xyxy[query[above]], label[above], boxes_xyxy[finite], logits.shape[1]):
+        return "certain_iou"
+    return None
+
+
+def nms_decisions_certain(boxes: torch.Tensor, labels: torch.Tensor, all_boxes: torch.Tensor,
+                          num_classes: int) -> bool:
+    """Whether every same-class pair of `boxes` (xyxy `[n,4]`, `labels [n]`) is on the same side of
+    IoU 0.5 however `batched_nms` rounds: raw coordinates, or shifted by `class × (max + 1)` with the
+    max taken over any subset of `all_boxes` (`[m,4]`, every finite box of the image).
+
+    A shifted coordinate x + s is off by at most u·|x + s| (u = 2⁻²⁴) and |x + s| ≤ D =
+    C·(A + 1) + A with A = max |coordinate|, so every width and intersection width is within
+    ε = 4u(D + 1) of its exact value; products, sums and the division add a relative u each. The
+    interval of the computed IoU that follows (in float64) must lie strictly above 0.5 (always
+    suppressed) or at or below 0.5 (never). Boxes of different classes never overlap once shifted
+    (gap 1 + min coordinate > 0), which is checked too.
+    """
+    if boxes.shape[0] < 2:
+        return True
+    all_boxes = all_boxes.double()
+    if not bool(all_boxes.min() > -0.99):
+        return False
+    u = 2.0 ** -24
+    big = float(all_boxes.abs().max())
+    eps = 4 * u * (num_classes * (big + 1) + big + 1)
+    boxes = boxes.double()
+    same = labels[:, None] == labels[None, :]
+    same.fill_diagonal_(False)
+    i, j = same.triu().nonzero(as_tuple=True)
+    if i.numel() == 0:
+        return True
+    a, b = boxes[i], boxes[j]
+    w_a, h_a = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+    w_b, h_b = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    iw = torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])
+    ih = torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])
+
+    def lo(x):
+        return (x - eps).clamp(min=0)
+
+    def hi(x):
+        return (x + eps).clamp(min=0)
+
+    inter_lo, inter_hi = lo(iw) * lo(ih) * (1 - 2 * u), hi(iw) * hi(ih) * (1 + 2 * u)
+    area_a_lo, area_a_hi = lo(w_a) * lo(h_a) * (1 - 2 * u), hi(w_a) * hi(h_a) * (1 + 2 * u)
+    area_b_lo, area_b_hi = lo(w_b) * lo(h_b) * (1 - 2 * u), hi(w_b) * hi(h_b) * (1 + 2 * u)
+    union_hi = (area_a_hi + area_b_hi - inter_lo) * (1 + 3 * u)
+    union_lo = (area_a_lo + area_b_lo - inter_hi) * (1 - 3 * u)
+    iou_lo = inter_lo / union_hi * (1 - 2 * u)
+    iou_hi = inter_hi / union_lo * (1 + 2 * u)
+    # a non-positive lower union bound means a degenerate pair: uncertain
+    certain = ((union_lo > 0) & ((iou_lo > 0.5) | (iou_hi <= 0.5))) | ((inter_hi == 0) & (union_lo > 0))
+    return bool(certain.all())
+
+
+ScoreFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+@torch.no_grad()
+def pruned_logits(boxes: torch.Tensor, objectness: torch.Tensor, num_classes: int, score_fn: ScoreFn,
+                  spec: PruneSpec, trace: list[tuple[int, int, str | None]] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stopping logic on its own: `score_fn(picks)` gets per image the query indices to score
+    (`[n_b]` int64, possibly empty) and returns per image their eval logits `[n_b, C]`.
+
+    boxes `[B,Q,4]` cxcywh, objectness `[B,Q,1]` logits. Returns `pred_logits [B,Q,C]` (scored rows
+    from `score_fn`, `FILL_LOGIT` elsewhere) and `scored [B,Q]` bool. `trace`, if given, receives
+    `(image, queries scored, stop reason or None)` after every check (tests, benchmark).
+    """
+    num_images, num_queries = boxes.shape[:2]
+    device = boxes.device
+    obj = objectness[..., 0]
+    bound = score_bound(obj)  # [B,Q]
+    boxes_xyxy = box_cxcywh_to_xyxy(boxes)
+    if spec.use_nms:
+        # only a finite box above the threshold can become a candidate
+        potential = torch.isfinite(boxes_xyxy).all(dim=-1) & (bound > SCORE_THRESHOLD)
+    else:
+        potential = torch.ones_like(bound, dtype=torch.bool)  # any score can enter the top K
+    # per image: potential queries by descending bound (stable), then the rest
+    key = torch.where(potential, bound, torch.full_like(bound, -float("inf")))
+    order = key.argsort(dim=1, descending=True, stable=True)
+    num_potential = potential.sum(dim=1).tolist()
+
+    logits = torch.full((num_images, num_queries, num_classes), FILL_LOGIT, dtype=obj.dtype, device=device)
+    scored = torch.zeros(num_images, num_queries, dtype=torch.bool, device=device)
+    post = PostProcess(max_detections=spec.max_detections, use_nms=spec.use_nms)
+    done = [n == 0 for n in num_potential]
+    position = [0] * num_images
+    chunk = max(1, spec.first_chunk)
+    while not all(done):
+        picks = []
+        for b in range(num_images):
+            end = position[b] if done[b] else min(position[b] + chunk, num_potential[b])
+            picks.append(order[b, position[b]:end])
+            position[b] = end
+        for b, (q, values) in enumerate(zip(picks, score_fn(picks), strict=True)):
+            if len(q):
+                logits[b, q] = values.to(logits.dtype)
+                scored[b, q] = True
+        for b in range(num_images):
+            if not done[b]:
+                reason = "complete" if position[b] >= num_potential[b] else _can_stop(
+                    logits[b], boxes_xyxy[b], boxes[b], scored[b], bound[b], potential[b], spec, post)
+                done[b] = reason is not None
+                if trace is not None:
+                    trace.append((b, position[b], reason))
+        chunk = max(chunk + 1, int(chunk * spec.growth))
+    return logits, scored
+
+
+@torch.no_grad()
+def pruned_detection_logits(trunk: Backbone, layer3: NestedTensor, boxes: torch.Tensor, text: torch.Tensor,
+                            objectness: torch.Tensor, *, tau: float, spec: PruneSpec
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval logits of the queries that can matter, scored in chunks of descending objectness.
+
+    trunk / layer3: as for `region_embeddings` (layer3 `[B,E/2,h,w]` with mask); boxes `[B,Q,4]`
+    final cxcywh boxes; text `[C,D]`; objectness `[B,Q,1]` logits. Returns `pred_logits [B,Q,C]`
+    (`detection_logits` for scored queries, `FILL_LOGIT` elsewhere) and `scored [B,Q]` bool.
+    PostProcess with `spec`'s settings gives on these the detections of the full path (module doc).
+    """
+
+    def score(picks: list[torch.Tensor]) -> list[torch.Tensor]:
+        # one layer4 + attention-pool pass for the chunks of all images
+        emb = region_embeddings(trunk, layer3, [boxes[b, q] for b, q in enumerate(picks)])
+        return [detection_logits(e[None], text, objectness[b, q][None], tau=tau)[0]
+                for b, (q, e) in enumerate(zip(picks, emb.split([len(q) for q in picks])))]
+
+    return pruned_logits(boxes, objectness, text.shape[0], score, spec)

@@ -1,0 +1,521 @@
+"""Side-by-side timings of the exact fast paths against the reference paths, in one run (issue 8).
+
+    python tools/benchmark.py                 # everything (hours on a 2-core CPU: RN50x4 at 800×1216 × 1000 boxes)
+    python tools/benchmark.py --quick         # the golden miniature, RN50 at 480×640, fewer repetitions
+    python tools/benchmark.py --sections match,ovd --out bench.json
+
+Sections (each timing is the median of `--reps` repetitions after one warm-up):
+
+* eval: seconds per image of the detector's eval forward, full region scoring (`prune_eval=None`) vs
+  pruned (models/pruned_eval.py), alternating the two, with the fraction of queries scored, whether
+  the detections are identical (labels, boxes, queries, order) and the largest relative difference
+  of their scores. Models: the golden miniature (its weights, its two photos) and random-weight RN50 /
+  RN50x4 (`build_cora` with the published configs' flags) at 480×640 and 800×1216. Each also under
+  "trained-like scores": a fixed per-query objectness offset N(−4, 2.5²) and class-separating text
+  features, because random weights give every query nearly the same objectness and nearly uniform
+  class probabilities, under which nothing can be ruled out (the bound is the objectness).
+* train: one training iteration (forward, losses, backward, clip, AdamW) of the golden miniature,
+  and of random RN50 at 480×640 (batch 2) without --quick.
+* match: the matcher of every decoder layer (6 layers, Q = 1000, boxes per image 5/20/50, batch
+  1/4/8), costs included: scipy per image (with its device → host copies) vs the torch solver per
+  layer vs the torch solver on all layers in one batch (what a layer-batched criterion would do);
+  on the CPU and, when present, on CUDA.
+* ovd: CocoOVDEvaluator on a synthetic 500-image COCO-OVD set (65 classes, 100 detections per
+  image): pycocotools vs faster-coco-eval, with the largest difference between their 16 statistics.
+
+Prints a table and writes JSON (`--out`, default benchmark.json) with the machine description.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from datasets.ovd_eval import BASE_CATIDS, NOVEL_CATIDS, CocoOVDEvaluator  # noqa: E402
+from models import build_cora  # noqa: E402
+from models.assignment import torch_assignment  # noqa: E402
+from models.clip import KNOWN_ARCHITECTURES  # noqa: E402
+from models.criterion import class_agnostic_targets  # noqa: E402
+from models.matcher import MASKED_COST, HungarianMatcher, scipy_assignment  # noqa: E402
+from models.postprocess import PostProcess  # noqa: E402
+from models.pruned_eval import PruneSpec  # noqa: E402
+from util.nested_tensor import NestedTensor  # noqa: E402
+
+CONFIGS = {name: ROOT / "configs" / "COCO" / f"{name}_dab_ovd_3enc_apm128_splcls0.2_relabel_noinit.sh"
+           for name in ("R50", "R50x4")}
+
+
+def timed(fn: Callable[[], object], reps: int, sync: Callable[[], None] = lambda: None) -> tuple[float, object]:
+    """Median seconds of `reps` calls after one warm-up call; returns (median, last result)."""
+    result = fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        result = fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def timed_many(fns: list[Callable[[], object]], reps: int,
+               sync: Callable[[], None] = lambda: None) -> list[tuple[float, object]]:
+    """Like `timed` for several functions, run in turn (a, b, a, b, …) so that load from other
+    processes on a shared machine falls on all alike; per function (median seconds, last result)."""
+    results = [fn() for fn in fns]
+    sync()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            results[i] = fn()
+            sync()
+            times[i].append(time.perf_counter() - start)
+    return [(statistics.median(t), r) for t, r in zip(times, results, strict=True)]
+
+
+def cuda_sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- models
+
+
+def config_flags(name: str) -> list[str]:
+    """The published config's flags (configs/COCO/*.sh), without paths and run bookkeeping."""
+    text = CONFIGS[name].read_text()
+    body = text[text.index('args="') + len('args="'):]
+    body = body[: body.index('"')]
+    tokens = body.replace("\\", " ").split()
+    drop_with_value = {"--coco_path", "--output_dir", "--region_prompt_path", "--label_version", "--save_every_epoch"}
+    flags, skip = [], False
+    for token in tokens:
+        if skip:
+            skip = False
+        elif token in drop_with_value:
+            skip = True
+        else:
+            flags.append(token)
+    return flags
+
+
+def random_model(name: str, **overrides) -> tuple[nn.Module, argparse.Namespace]:
+    """The published config's detector with random CLIP and detector weights."""
+    from main import get_args_parser
+
+    args = get_args_parser().parse_args(config_flags(name))
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    arch = KNOWN_ARCHITECTURES["RN50" if name == "R50" else "RN50x4"]
+    torch.manual_seed(0)
+    return build_cora(args, arch), args
+
+
+def golden_model() -> tuple[nn.Module, dict]:
+    from tests import golden
+    from util.checkpoint import pick_weights
+
+    model, _, _ = __import__("models").build_model(golden.model_args())
+    model.load_state_dict(pick_weights(golden.load("checkpoint_tiny.pth"), use_ema=True), strict=True)
+    return model, golden.load("inputs.pth")
+
+
+class SpreadObjectness(nn.Module):
+    """Objectness head + a fixed per-query offset: a trained detector's few confident queries."""
+
+    def __init__(self, head: nn.Module, offsets: torch.Tensor):
+        super().__init__()
+        self.head = head
+        self.register_buffer("offsets", offsets)
+
+    def forward(self, hs: torch.Tensor) -> torch.Tensor:  # [L,B,Q,d] -> [L,B,Q,1]
+        return self.head(hs) + self.offsets[:, None]
+
+
+class FixedText(nn.Module):
+    """Class-separating text features (random unit vectors): peaked class probabilities."""
+
+    def __init__(self, text: torch.Tensor):
+        super().__init__()
+        self.register_buffer("text", text)
+
+    def forward(self, categories) -> torch.Tensor:
+        return self.text[: len(categories)]
+
+
+def trained_like(model: nn.Module, num_classes: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    queries = model.query_embed.weight.shape[0]
+    dim = model.text_proj.layers[0].in_features
+    model.objectness_embed = SpreadObjectness(model.objectness_embed, torch.randn(queries, generator=gen) * 2.5 - 4.0)
+    model.classifier = FixedText(nn.functional.normalize(torch.randn(num_classes, dim, generator=gen), dim=-1))
+
+
+def compare_detections(full: list[dict], pruned: list[dict], tie: float = 1e-5) -> tuple[bool, bool, float]:
+    """(identical: same labels, boxes, queries and order; identical up to near-ties: differences only
+    where scores lie within `tie` (relative) of each other, i.e. where the two paths' rounding may order
+    them either way; largest relative score difference at equal positions)."""
+    same, same_up_to_ties, worst = True, True, 0.0
+    for a, b in zip(full, pruned, strict=True):
+        same &= (torch.equal(a["labels"], b["labels"]) and torch.equal(a["query_index"], b["query_index"])
+                 and torch.equal(a["boxes"], b["boxes"]))
+        if a["scores"].shape != b["scores"].shape:
+            same_up_to_ties = False
+            continue
+        if a["scores"].numel():
+            worst = max(worst, ((a["scores"] - b["scores"]).abs() / a["scores"].abs()).max().item())
+        where_b = {(int(q), int(lab)): float(sc) for q, lab, sc in zip(b["query_index"], b["labels"], b["scores"])}
+        last_b = float(b["scores"][-1]) if b["scores"].numel() else 0.0
+        for q, lab, sc, sb in zip(a["query_index"], a["labels"], a["scores"], b["scores"]):
+            sc, sb = float(sc), float(sb)
+            other = where_b.get((int(q), int(lab)))
+            close = abs(sc - sb) <= tie * sc
+            placed = other is not None and abs(other - sc) <= tie * sc  # moved among near-equal scores
+            cut = other is None and abs(sc - last_b) <= tie * sc  # exchanged at the K-th place
+            same_up_to_ties &= close and (placed or cut)
+    return same, same_up_to_ties, worst
+
+
+def bench_eval_model(label: str, model: nn.Module, samples, categories, sizes, reps: int, device) -> dict:
+    model.eval().to(device)
+    samples = samples.to(device)
+    post = PostProcess()
+    images = sizes.shape[0]
+
+    def run(spec):
+        model.prune_eval = spec
+        with torch.no_grad():
+            return model(samples, categories=categories)
+
+    sync = cuda_sync if device.type == "cuda" else (lambda: None)
+    (t_full, out_full), (t_pruned, out_pruned) = timed_many(
+        [lambda: run(None), lambda: run(PruneSpec.for_postprocess(post))], reps, sync)
+    identical, up_to_ties, score_diff = compare_detections(post(out_full, sizes.to(device)),
+                                                           post(out_pruned, sizes.to(device)))
+    return {"section": "eval", "case": label, "baseline": "full", "new": "pruned",
+            "baseline_s": t_full / images, "new_s": t_pruned / images, "speedup": t_full / t_pruned,
+            "scored_fraction": out_pruned["scored_queries"].float().mean().item(), "identical": identical,
+            "identical_up_to_near_ties": up_to_ties,
+            "max_score_rel_diff": score_diff, "unit": "s/image"}
+
+
+def section_eval(quick: bool, reps: int, device) -> list[dict]:
+    from tests.tiny_coco import COCO_OVD_CATEGORIES
+
+    rows = []
+    model, inputs = golden_model()
+    samples = NestedTensor(inputs["batch"], inputs["mask"])
+    sizes = torch.stack([t["orig_size"] for t in inputs["targets"]])
+    rows.append(bench_eval_model("golden miniature (2 photos, Q=300)", model, samples, inputs["eval_categories"],
+                                 sizes, reps, device))
+    trained_like(model, len(inputs["eval_categories"]))
+    rows.append(bench_eval_model("golden miniature, trained-like scores", model, samples, inputs["eval_categories"],
+                                 sizes, reps, device))
+    categories = [name for _, name, _ in COCO_OVD_CATEGORIES]
+    plans = [("R50", (480, 640))] if quick else [("R50", (480, 640)), ("R50", (800, 1216)), ("R50x4", (480, 640)),
+                                                  ("R50x4", (800, 1216))]
+    for name, (h, w) in plans:
+        for variant in ("random weights", "trained-like scores"):
+            model, args = random_model(name)
+            if variant != "random weights":
+                trained_like(model, len(categories))
+            gen = torch.Generator().manual_seed(1)
+            image = torch.randn(1, 3, h, w, generator=gen)
+            samples = NestedTensor(image, torch.zeros(1, h, w, dtype=torch.bool))
+            label = f"{name} {h}x{w} Q={args.num_queries}, {variant}"
+            print(f"  eval: {label} ...", flush=True)
+            rows.append(bench_eval_model(label, model, samples, categories, torch.tensor([[h, w]]),
+                                         max(1, reps // 3) if not quick else 1, device))
+    return rows
+
+
+# --------------------------------------------------------------------------- train step
+
+
+def train_step_fn(model, criterion, optimizer, samples, categories, targets) -> Callable[[], float]:
+    """One iteration as engine.train_one_epoch runs it (no class split), returning the weighted loss."""
+
+    def step() -> float:
+        outputs = model(samples, categories=categories)
+        losses = criterion(outputs, class_agnostic_targets(targets))
+        loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def section_train(quick: bool, reps: int, device) -> list[dict]:
+    from tests import golden
+    from util.optim import build_optimizer
+
+    rows = []
+    cases = [("golden miniature, batch 2", None)] + ([] if quick else [("R50 480x640 Q=1000, batch 2", "R50")])
+    for label, name in cases:
+        if name is None:
+            args = golden.model_args(dropout=0.0)
+            model, criterion, _ = __import__("models").build_model(args)
+            inputs = golden.load("inputs.pth")
+            samples = NestedTensor(inputs["batch"], inputs["mask"])
+            categories = inputs["train_categories"]
+            targets = [{"boxes": t["boxes"], "labels": t["labels_train"]} for t in inputs["targets"]]
+        else:
+            model, args = random_model(name)
+            from models.criterion import build_criterion
+            from models.matcher import build_matcher
+
+            criterion = build_criterion(args, build_matcher(args))
+            samples = NestedTensor(torch.randn(2, 3, 480, 640), torch.zeros(2, 480, 640, dtype=torch.bool))
+            from tests.tiny_coco import COCO_OVD_CATEGORIES
+
+            categories = [n for _, n, kind in COCO_OVD_CATEGORIES if kind == "B"]
+            targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4], [0.3, 0.6, 0.2, 0.2]]),
+                        "labels": torch.tensor([0, 5])} for _ in range(2)]
+        model.to(device).train()
+        optimizer, _ = build_optimizer(model, lr=1e-4, weight_decay=1e-4, lr_drop=40)
+        samples = samples.to(device)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+        step = train_step_fn(model, criterion, optimizer, samples, categories, targets)
+        sync = cuda_sync if device.type == "cuda" else (lambda: None)
+        t, _ = timed(step, reps if name is None else max(1, reps // 3), sync)
+        rows.append({"section": "train", "case": label, "baseline": "-", "new": "train step", "new_s": t,
+                     "unit": "s/iteration"})
+    return rows
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def matching_inputs(batch: int, boxes: int, layers: int = 6, queries: int = 1000, classes: int = 48, seed: int = 0):
+    """Decoder-like outputs of every layer and class-agnostic targets whose classes occur among the
+    queries' pre-matched classes (so that most GT boxes stay matchable, as in training)."""
+    gen = torch.Generator().manual_seed(seed)
+    proposal = torch.randint(0, classes, (batch, queries), generator=gen)
+    layer_outputs = []
+    for _ in range(layers):
+        cxcy = torch.rand(batch, queries, 2, generator=gen) * 0.8 + 0.1
+        wh = torch.rand(batch, queries, 2, generator=gen) * 0.3 + 0.05
+        layer_outputs.append({"pred_logits": torch.randn(batch, queries, 1, generator=gen),
+                              "pred_boxes": torch.cat([cxcy, wh], -1), "proposal_classes": proposal})
+    targets = []
+    for b in range(batch):
+        cxcy = torch.rand(boxes, 2, generator=gen) * 0.8 + 0.1
+        wh = torch.rand(boxes, 2, generator=gen) * 0.3 + 0.05
+        labels = proposal[b, torch.randint(0, queries, (boxes,), generator=gen)]
+        targets.append({"boxes": torch.cat([cxcy, wh], -1), "labels": labels})
+    return layer_outputs, class_agnostic_targets(targets)
+
+
+def match_per_layer(matcher: HungarianMatcher, layer_outputs: list[dict], targets: list[dict]) -> list:
+    """What SetCriterion does today: one matcher call per decoder layer."""
+    return [matcher(o, targets) for o in layer_outputs]
+
+
+def match_all_layers(matcher: HungarianMatcher, layer_outputs: list[dict], targets: list[dict]) -> list:
+    """What a layer-batched criterion would do: every layer's cost matrices, one torch solve, then the
+    matcher's removal of masked matches."""
+    costs = [c for o in layer_outputs for c in matcher.cost_matrices(o, targets)]
+    out = []
+    for c, (r, k) in zip(costs, torch_assignment(costs), strict=True):
+        keep = (c[r.to(c.device), k.to(c.device)] < MASKED_COST).cpu()
+        out.append((r[keep], k[keep]))
+    n = len(targets)
+    return [out[i * n:(i + 1) * n] for i in range(len(layer_outputs))]
+
+
+def section_match(quick: bool, reps: int, devices) -> list[dict]:
+    rows = []
+    matchers = {name: HungarianMatcher(solver=solver) for name, solver in
+                (("scipy", scipy_assignment), ("torch", torch_assignment))}
+    for device in devices:
+        sync = cuda_sync if device.type == "cuda" else (lambda: None)
+        for batch in (1, 4, 8):
+            for boxes in (5, 20, 50):
+                layer_outputs, targets = matching_inputs(batch, boxes)
+                layer_outputs = [{k: v.to(device) for k, v in o.items()} for o in layer_outputs]
+                targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+                runs = {name: functools.partial(fn, matchers[solver], layer_outputs, targets) for name, fn, solver in
+                        (("scipy", match_per_layer, "scipy"), ("torch", match_per_layer, "torch"),
+                         ("all", match_all_layers, "torch"))}
+                (t_scipy, m_scipy), (t_torch, m_torch), (t_all, m_all) = timed_many(
+                    [runs["scipy"], runs["torch"], runs["all"]], reps, sync)
+                same = all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[0], c[0])
+                           and torch.equal(a[1], c[1])
+                           for la, lb, lc in zip(m_scipy, m_torch, m_all, strict=True)
+                           for a, b, c in zip(la, lb, lc, strict=True))
+                case = f"{device.type} B={batch} T={boxes} (6 layers, Q=1000)"
+                rows.append({"section": "match", "case": case, "baseline": "scipy loop", "new": "torch per layer",
+                             "baseline_s": t_scipy, "new_s": t_torch, "speedup": t_scipy / t_torch, "identical": same,
+                             "unit": "s/iteration"})
+                rows.append({"section": "match", "case": case, "baseline": "scipy loop", "new": "torch all layers",
+                             "baseline_s": t_scipy, "new_s": t_all, "speedup": t_scipy / t_all, "identical": same,
+                             "unit": "s/iteration"})
+    return rows
+
+
+# --------------------------------------------------------------------------- OVD evaluation
+
+
+def synthetic_ovd(images: int = 500, seed: int = 0) -> tuple[dict, list[int], dict]:
+    """A COCO-OVD ground truth of `images` images (65 classes, 0–15 boxes, 2 % crowd) and PostProcess-
+    style detections (100 per image: jittered GT boxes with their or another label, and random boxes)."""
+    rng = np.random.default_rng(seed)
+    catids = sorted(BASE_CATIDS + NOVEL_CATIDS)
+    data = {"images": [], "annotations": [], "categories": [{"id": c, "name": str(c)} for c in catids]}
+    detections = {}
+    ann_id = 1
+    for image_id in range(1, images + 1):
+        w, h = int(rng.integers(320, 640)), int(rng.integers(240, 480))
+        data["images"].append({"id": image_id, "width": w, "height": h})
+        gts = []
+        for _ in range(int(rng.integers(0, 16))):
+            bw, bh = rng.uniform(8, w / 2), rng.uniform(8, h / 2)
+            x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+            label = int(rng.integers(0, len(catids)))
+            data["annotations"].append({"id": ann_id, "image_id": image_id, "category_id": catids[label],
+                                        "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": int(rng.random() < 0.02)})
+            ann_id += 1
+            gts.append((label, x, y, bw, bh))
+        boxes, labels = [], []
+        for _ in range(100):
+            if gts and rng.random() < 0.6:
+                label, x, y, bw, bh = gts[int(rng.integers(0, len(gts)))]
+                jitter = rng.normal(0, 0.1, 4) * [bw, bh, bw, bh]
+                x0, y0, x1, y1 = x + jitter[0], y + jitter[1], x + bw + jitter[2], y + bh + jitter[3]
+                label = label if rng.random() < 0.7 else int(rng.integers(0, len(catids)))
+            else:
+                x0, y0 = rng.uniform(0, w - 10), rng.uniform(0, h - 10)
+                x1, y1 = x0 + rng.uniform(5, w / 2), y0 + rng.uniform(5, h / 2)
+                label = int(rng.integers(0, len(catids)))
+            boxes.append([x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)])
+            labels.append(label)
+        scores = np.sort(rng.random(100))[::-1].copy()
+        detections[image_id] = {"scores": torch.tensor(scores, dtype=torch.float32),
+                                "labels": torch.tensor(labels, dtype=torch.int64),
+                                "boxes": torch.tensor(boxes, dtype=torch.float32)}
+    return data, catids, detections
+
+
+def section_ovd(quick: bool, reps: int) -> list[dict]:
+    data, catids, detections = synthetic_ovd(500)
+
+    def run(backend):
+        evaluator = CocoOVDEvaluator(data, catids, backend=backend, verbose=False)
+        evaluator.update(detections)
+        evaluator.synchronize_between_processes()
+        evaluator.accumulate()
+        return evaluator.summarize()
+
+    backends = ("pycocotools", "faster-coco-eval")
+    measured = timed_many([functools.partial(run, b) for b in backends], reps)
+    times = {b: t for b, (t, _) in zip(backends, measured, strict=True)}
+    stats = {b: r for b, (_, r) in zip(backends, measured, strict=True)}
+    diff = max(abs(a - b) for a, b in zip(stats["pycocotools"], stats["faster-coco-eval"], strict=True)
+               if not (np.isnan(a) and np.isnan(b)))
+    return [{"section": "ovd", "case": "500 images, 65 classes, 100 dets/image", "baseline": "pycocotools",
+             "new": "faster-coco-eval", "baseline_s": times["pycocotools"], "new_s": times["faster-coco-eval"],
+             "speedup": times["pycocotools"] / times["faster-coco-eval"], "identical": diff <= 1e-6,
+             "max_stat_diff": diff, "unit": "s/evaluation"}]
+
+
+# --------------------------------------------------------------------------- main
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ["section", "case", "baseline", "new", "baseline", "new", "speedup", "identical", "note"]
+    lines = [header]
+    def fmt(r: dict, key: str) -> str:
+        return f"{r[key]:.4g}" if key in r and isinstance(r[key], float) else "-"
+
+    for r in rows:
+        note = f"{r['unit']}"
+        if "scored_fraction" in r:
+            note += f", scored {100 * r['scored_fraction']:.0f}%, score diff {r['max_score_rel_diff']:.1e} rel"
+        identical = str(r.get("identical", "-"))
+        if r.get("identical") is False and "identical_up_to_near_ties" in r:
+            identical += f" (up to near-ties: {r['identical_up_to_near_ties']})"
+        lines.append([r["section"], r["case"], r["baseline"], r["new"], fmt(r, "baseline_s"), fmt(r, "new_s"),
+                      f"{r['speedup']:.2f}x" if "speedup" in r else "-", identical, note])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    out = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) + " |" for line in lines]
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="golden miniature + RN50 at 480x640 only, fewer repetitions")
+    p.add_argument("--reps", type=int, default=None, help="repetitions per timing (default 5, quick 3)")
+    p.add_argument("--sections", default="eval,train,match,ovd")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device of the eval and train sections (matching runs on the CPU and CUDA if present)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", default="benchmark.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (3 if args.quick else 5)
+    device = torch.device(args.device)
+    sections = args.sections.split(",")
+    rows: list[dict] = []
+    info = machine()
+    print(f"machine: {info}", flush=True)
+    match_devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for name in sections:
+        print(f"[{name}]", flush=True)
+        start = time.perf_counter()
+        if name == "eval":
+            rows += section_eval(args.quick, reps, device)
+        elif name == "train":
+            rows += section_train(args.quick, reps, device)
+        elif name == "match":
+            rows += section_match(args.quick, reps, match_devices)
+        elif name == "ovd":
+            rows += section_ovd(args.quick, reps)
+        else:
+            raise SystemExit(f"unknown section {name!r}")
+        print(f"[{name}] {time.perf_counter() - start:.0f} s", flush=True)
+    table = format_table(rows)
+    print(table)
+    result = {"machine": info, "quick": args.quick, "reps": reps, "rows": rows, "table": table}
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
