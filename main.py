@@ -21,7 +21,6 @@ from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.ovd_eval import CocoOVDEvaluator, LvisEvaluator
 from engine import evaluate, train_one_epoch
 from models import build_model
-from models.pruned_eval import PruneSpec
 from util import dist
 from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from util.ema import ModelEMA
@@ -83,7 +82,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_nms", action="store_true")
     p.add_argument("--no_nms", action="store_true", help="overrides --use_nms")
     p.add_argument("--no_prune_eval", action="store_true",
-                   help="CLIP-score all queries at eval (default: only those that can change the detections)")
+                   help="CLIP-score all queries at eval (default: only those that can change the detections; "
+                        "the detections and scores are the same)")
     # data
     p.add_argument("--dataset_file", default="coco", choices=["coco", "lvis"])
     p.add_argument("--coco_path", default="data/coco", type=str)
@@ -192,7 +192,6 @@ def main(args):
 
     # A full checkpoint holds every weight (CLIP included): no archive or region prompt is opened then.
     model, criterion, postprocessors = build_model(args, checkpoint_weights=checkpoint["model"] if checkpoint else None)
-    model.prune_eval = None if args.no_prune_eval else PruneSpec.for_postprocess(postprocessors["bbox"])
     model.to(device)
     model_ema = None
     if checkpoint is not None:

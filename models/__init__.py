@@ -20,6 +20,7 @@ from models.criterion import build_criterion
 from models.detector import CORA
 from models.matcher import build_matcher
 from models.postprocess import build_postprocessors
+from models.pruned_eval import PruneSpec
 from models.transformer import build_transformer
 
 
@@ -108,4 +109,6 @@ def build_model(args, checkpoint_weights: dict[str, torch.Tensor] | None = None)
         prompt = load_region_prompt(args.region_prompt_path, arch) if args.region_prompt_path else None
     model = build_cora(args, arch, clip_sd, prompt)
     criterion = build_criterion(args, build_matcher(args))
-    return model, criterion, build_postprocessors(args)
+    postprocessors = build_postprocessors(args)
+    model.prune_eval = PruneSpec.for_postprocess(postprocessors["bbox"], prune=not args.no_prune_eval)
+    return model, criterion, postprocessors

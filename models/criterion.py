@@ -162,7 +162,8 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: dict, targets: Sequence[dict]) -> dict[str, torch.Tensor]:
         final = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        indices = self.matcher(final, targets)
+        aux_layers = outputs.get("aux_outputs", [])
+        indices, *aux_indices = self.matcher.match_layers([final, *aux_layers], targets)
         num_boxes = self.num_boxes(indices, outputs["pred_logits"].device)
 
         losses = self._layer_losses(final, targets, indices, num_boxes, log=True)
@@ -173,9 +174,8 @@ class SetCriterion(nn.Module):
             ratio = num_boxes / total_gt if total_gt > 0 else 0.0
             losses["matched_gt"] = torch.zeros_like(losses["loss_bbox"]) + ratio
 
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_indices = self.matcher(aux, targets)
-            aux_losses = self._layer_losses(aux, targets, aux_indices, num_boxes, log=False)
+        for i, (aux, layer_indices) in enumerate(zip(aux_layers, aux_indices, strict=True)):
+            aux_losses = self._layer_losses(aux, targets, layer_indices, num_boxes, log=False)
             losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
         return losses
 

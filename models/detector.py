@@ -13,7 +13,6 @@ from models.clip import TextClassifier
 from models.mlp import MLP
 from models.prematch import novel_indices_for, prematch_anchors
 from models.pruned_eval import PruneSpec, pruned_detection_logits
-from models.region_head import detection_logits, region_embeddings
 from models.transformer import Transformer
 from util.box_ops import inverse_sigmoid
 from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
@@ -54,9 +53,10 @@ class CORA(nn.Module):
         self.text_proj = MLP(text_dim, condition_bottleneck, hidden_dim, 2)
         self.target_class_factor = target_class_factor
         self.eval_tau = eval_tau
-        # Exact pruned region scoring at eval (models/pruned_eval.py); None = score all Q boxes.
-        # main.py sets it from the PostProcess unless --no_prune_eval.
-        self.prune_eval: PruneSpec | None = None
+        # Region scoring at eval (models/pruned_eval.py): chunks of descending objectness, stopping once
+        # the detections of this PostProcess setting cannot change. build_model matches it to its
+        # PostProcess; PruneSpec(prune=False) scores every query.
+        self.prune_eval = PruneSpec()
 
     @staticmethod
     def _as_nested(samples) -> NestedTensor:
@@ -112,11 +112,7 @@ class CORA(nn.Module):
         }
         if split_class:
             out["split_class"] = True
-        if not self.training and self.prune_eval is not None:
+        if not self.training:
             out["pred_logits"], out["scored_queries"] = pruned_detection_logits(
                 self.backbone.trunk, layer3, boxes[-1], text, objectness[-1], tau=self.eval_tau, spec=self.prune_eval)
-        elif not self.training:
-            emb = region_embeddings(self.backbone.trunk, layer3, list(boxes[-1].unbind(0)))
-            emb = emb.reshape(*boxes.shape[1:3], -1)
-            out["pred_logits"] = detection_logits(emb, text, objectness[-1], tau=self.eval_tau)
         return out

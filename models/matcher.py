@@ -120,12 +120,19 @@ class HungarianMatcher(nn.Module):
     def forward(self, outputs: dict, targets: Sequence[dict]) -> list[Indices]:
         """Returns per image `(query_indices, target_indices)` (CPU int64, ascending query index) of the
         surviving matches: assignments onto a masked pair (cost >= `MASKED_COST`) are removed."""
-        costs = self.cost_matrices(outputs, targets)
+        return self.match_layers([outputs], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(self, layers: Sequence[dict], targets: Sequence[dict]) -> list[list[Indices]]:
+        """`forward` for several decoder layers' outputs at once: the solver gets the cost matrices of
+        every layer and image in one call (one batch for the torch solver, one host copy each)."""
+        costs = [c for outputs in layers for c in self.cost_matrices(outputs, targets)]
         matches = []
         for c, (rows, cols) in zip(costs, self.solver(costs), strict=True):
             keep = (c[rows.to(c.device), cols.to(c.device)] < MASKED_COST).cpu()
             matches.append((rows[keep], cols[keep]))
-        return matches
+        per_layer = len(targets)
+        return [matches[i:i + per_layer] for i in range(0, len(matches), per_layer)]
 
 
 def build_matcher(args) -> HungarianMatcher:

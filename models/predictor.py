@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -278,9 +278,13 @@ class Predictor:
         fill_text_cache(self.model.classifier, names, self.text_cache)
         samples = nested_tensor_from_tensor_list([t.to(self.device, torch.float32) for t in tensors])
         self.model.target_class_factor = factor
+        post = PostProcess(max_detections=int(max_detections), use_nms=self.use_nms)
+        # region scoring stops once this PostProcess's detections are settled (models/pruned_eval.py)
+        self.model.prune_eval = replace(self.model.prune_eval, max_detections=post.max_detections,
+                                                    use_nms=post.use_nms)
         outputs = self.model(samples, categories=list(names), novel_indices=novel)
         target_sizes = torch.as_tensor([list(s) for s in sizes], device=self.device)
-        results = PostProcess(max_detections=int(max_detections), use_nms=self.use_nms)(outputs, target_sizes)
+        results = post(outputs, target_sizes)
         detections = []
         for i, (res, (h, w)) in enumerate(zip(results, sizes)):
             keep = res["scores"] >= score_threshold

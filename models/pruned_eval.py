@@ -53,9 +53,13 @@ and dropped, as in the full path).
 Ties: the visiting order of equal scores is a sort's tie order. torchvision's CPU `nms` sorts stably
 and both runs list their candidates in the same (query, class) order, but the per-class variant's
 final `sort` (and `topk` without NMS) is not stable, so detections whose scores are *bit-identical*
-may come out in another order (or, at the K-th place, be exchanged for each other). Scores are the
-same functions on the same inputs; chunked matrix products may round them differently by ~1e-7
-relative, which could only reorder detections whose scores are that close.
+may come out in another order (or, at the K-th place, be exchanged for each other).
+
+Bit-identical scores: a batched convolution or matrix product can round a row differently when the
+batch size changes (the libraries pick kernels by shape; RN50's attention pool does, by ~3e-7, which
+softmax(100·cos) turns into ~4e-6 relative on a score). So the full path (`prune=False`,
+`--no_prune_eval`) is not one pass over all Q boxes: it scores the same per-image chunks as the pruned
+path, then the rest, and every scored query's logit is bit-identical in both modes.
 
 Logged evaluation losses: engine.evaluate's logging criterion reads `pred_logits` of every query, so
 under pruning its `loss_ce`/`class_error` (and matches) see the fill logits of unscored queries: the
@@ -104,6 +108,7 @@ class PruneSpec:
     use_nms: bool = True
     first_chunk: int = 50
     growth: float = 1.25
+    prune: bool = True  # False: score every query (`--no_prune_eval`), in the same chunks
 
     @classmethod
     def for_postprocess(cls, post: PostProcess, **kwargs) -> PruneSpec:
@@ -220,6 +225,11 @@ def pruned_logits(boxes: torch.Tensor, objectness: torch.Tensor, num_classes: in
     boxes `[B,Q,4]` cxcywh, objectness `[B,Q,1]` logits. Returns `pred_logits [B,Q,C]` (scored rows
     from `score_fn`, `FILL_LOGIT` elsewhere) and `scored [B,Q]` bool. `trace`, if given, receives
     `(image, queries scored, stop reason or None)` after every check (tests, benchmark).
+
+    The chunks an image's queries are scored in depend only on that image's objectness, never on
+    when scoring stops: with `spec.prune = False` the same chunks are scored, then the queries that
+    cannot become detections, so a `score_fn` that scores each image's chunk on its own gives
+    bit-identical logits in both modes.
     """
     num_images, num_queries = boxes.shape[:2]
     device = boxes.device
@@ -239,27 +249,36 @@ def pruned_logits(boxes: torch.Tensor, objectness: torch.Tensor, num_classes: in
     logits = torch.full((num_images, num_queries, num_classes), FILL_LOGIT, dtype=obj.dtype, device=device)
     scored = torch.zeros(num_images, num_queries, dtype=torch.bool, device=device)
     post = PostProcess(max_detections=spec.max_detections, use_nms=spec.use_nms)
-    done = [n == 0 for n in num_potential]
-    position = [0] * num_images
-    chunk = max(1, spec.first_chunk)
-    while not all(done):
-        picks = []
-        for b in range(num_images):
-            end = position[b] if done[b] else min(position[b] + chunk, num_potential[b])
-            picks.append(order[b, position[b]:end])
-            position[b] = end
+
+    def score_round(ends: list[int]) -> None:
+        picks = [order[b, position[b]:end] for b, end in enumerate(ends)]
         for b, (q, values) in enumerate(zip(picks, score_fn(picks), strict=True)):
             if len(q):
                 logits[b, q] = values.to(logits.dtype)
                 scored[b, q] = True
+        position[:] = ends
+
+    done = [n == 0 for n in num_potential]
+    position = [0] * num_images
+    chunk = max(1, spec.first_chunk)
+    while not all(done):
+        score_round([position[b] if done[b] else min(position[b] + chunk, num_potential[b])
+                     for b in range(num_images)])
         for b in range(num_images):
-            if not done[b]:
-                reason = "complete" if position[b] >= num_potential[b] else _can_stop(
-                    logits[b], boxes_xyxy[b], boxes[b], scored[b], bound[b], potential[b], spec, post)
-                done[b] = reason is not None
-                if trace is not None:
-                    trace.append((b, position[b], reason))
+            if done[b]:
+                continue
+            if position[b] >= num_potential[b]:
+                reason = "complete"
+            elif spec.prune:
+                reason = _can_stop(logits[b], boxes_xyxy[b], boxes[b], scored[b], bound[b], potential[b], spec, post)
+            else:
+                reason = None
+            done[b] = reason is not None
+            if trace is not None:
+                trace.append((b, position[b], reason))
         chunk = max(chunk + 1, int(chunk * spec.growth))
+    if not spec.prune and min(position) < num_queries:
+        score_round([num_queries] * num_images)  # the non-candidates, so that every logit is real
     return logits, scored
 
 
@@ -274,11 +293,20 @@ def pruned_detection_logits(trunk: Backbone, layer3: NestedTensor, boxes: torch.
     (`detection_logits` for scored queries, `FILL_LOGIT` elsewhere) and `scored [B,Q]` bool.
     PostProcess with `spec`'s settings gives on these the detections of the full path (module doc).
     """
+    no_boxes = boxes.new_zeros(0, 4)
 
     def score(picks: list[torch.Tensor]) -> list[torch.Tensor]:
-        # one layer4 + attention-pool pass for the chunks of all images
-        emb = region_embeddings(trunk, layer3, [boxes[b, q] for b, q in enumerate(picks)])
-        return [detection_logits(e[None], text, objectness[b, q][None], tau=tau)[0]
-                for b, (q, e) in enumerate(zip(picks, emb.split([len(q) for q in picks])))]
+        # One layer4 + attention-pool pass per image and chunk: a batched convolution or matrix product
+        # may round a row differently when the batch size changes (oneDNN, cuDNN and BLAS choose
+        # kernels by shape), and the batch would change with the other images' stopping points.
+        out = []
+        for b, q in enumerate(picks):
+            if len(q) == 0:
+                out.append(text.new_zeros(0, text.shape[0]))
+                continue
+            only_b = [boxes[b, q] if i == b else no_boxes for i in range(len(picks))]
+            emb = region_embeddings(trunk, layer3, only_b)
+            out.append(detection_logits(emb[None], text, objectness[b, q][None], tau=tau)[0])
+        return out
 
     return pruned_logits(boxes, objectness, text.shape[0], score, spec)

@@ -177,10 +177,14 @@ def test_golden_matches_and_losses_with_torch_backend(name, device):
             got = {(int(anchors[b, i]), int(j)) for i, j in zip(q, t, strict=True)}
             want = {(int(anchors[b, i]), int(j)) for i, j in zip(rq, rt, strict=True)}
             assert got == want, (name, layer, b)
-    # one batched call for all layers (what a layer-batched criterion would do): the same assignments
+    # one batched call for all layers (what the criterion does): the same assignments
     batched = torch_assignment(all_costs)
     for (r, c), (sr, sc) in zip(batched, scipy_assignment(all_costs), strict=True):
         assert torch.equal(r, sr) and torch.equal(c, sc)
+    per_layer = [criterion.matcher(layer, targets) for layer in layers]
+    for got, want in zip(criterion.matcher.match_layers(layers, targets), per_layer, strict=True):
+        assert all(torch.equal(a, b) for pair_a, pair_b in zip(got, want, strict=True)
+                   for a, b in zip(pair_a, pair_b, strict=True))
     loss_dict = criterion(outputs, targets)
     for k, v in ref["loss_dict"].items():
         assert abs(loss_dict[k].item() - v.item()) <= max(1e-4 * abs(v.item()), 1e-6), k
@@ -214,3 +218,7 @@ def test_golden_train_step_with_torch_backend(inputs_name, split, monkeypatch):
     test_train_golden.test_train_step_matches_original(inputs_name, split, monkeypatch)
     assert built, "the golden step did not build its arguments through golden.model_args"
     assert calls, "the torch solver was not used"
+    # the criterion solves every decoder layer (3) of every image in a single call; the calls after it
+    # are the golden test's own per-layer matcher calls (one image batch each)
+    images = len(golden.load(inputs_name)["targets"])
+    assert calls == [3 * images] + [images] * 3, calls

@@ -12,8 +12,11 @@ NOVEL = (4, 5, 11, 12, 15, 16, 21, 23, 27, 29, 32, 34, 45, 47, 54, 58, 63)
 
 @pytest.fixture(scope="module")
 def tiny():
-    """Built from the CLIP archive + region prompt, then the checkpoint's EMA weights (strict)."""
-    args = golden.model_args()
+    """Built from the CLIP archive + region prompt, then the checkpoint's EMA weights (strict).
+
+    Every query is CLIP-scored (`--no_prune_eval`) so that all per-anchor scores can be compared; the
+    default pruned path is checked against the same golden detections in tests/test_pruned_eval.py."""
+    args = golden.model_args(no_prune_eval=True)
     model, _, post = build_model(args)
     weights = pick_weights(golden.load("checkpoint_tiny.pth"), use_ema=True)
     model.load_state_dict(weights, strict=True)
@@ -35,6 +38,7 @@ def _forward(model, factor, images=None, mask=None):
 
 
 def _check_outputs(out, ref_out, ref_anchor_index):
+    assert out["scored_queries"].all()
     assert torch.equal(out["proposal_classes"], ref_out["proposal_classes"]), "pre-matched classes (sorted) differ"
     for b in range(out["anchor_index"].shape[0]):
         assert set(out["anchor_index"][b].tolist()) == set(ref_anchor_index[b].tolist())

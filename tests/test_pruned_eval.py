@@ -2,7 +2,8 @@
 
 Three levels: the stopping logic alone on synthetic logits (bit-identical scores, so detections must be
 identical, including worst cases built to defeat it); the detector on the golden miniature model and on
-random weights (pruned vs `prune_eval=None`); `main.py --eval` with and without `--no_prune_eval`.
+random weights (pruned vs `PruneSpec(prune=False)`, which scores every query in the same chunks, so
+the scored logits must be bit-identical); `main.py --eval` with and without `--no_prune_eval`.
 """
 from __future__ import annotations
 
@@ -34,17 +35,14 @@ from util.nested_tensor import NestedTensor
 SIZES = torch.tensor([[480.0, 640.0]])
 
 
-def _assert_same_detections(full: list[dict], pruned: list[dict], *, exact_scores: bool) -> None:
-    """Same boxes, labels, queries, order; scores equal (synthetic) or within 1e-6 relative (model)."""
+def _assert_same_detections(full: list[dict], pruned: list[dict]) -> None:
+    """Same boxes, labels, queries, order and bit-identical scores."""
     assert len(full) == len(pruned)
     for a, b in zip(full, pruned, strict=True):
         for key in ("labels", "query_index"):
             assert torch.equal(a[key], b[key]), key
-        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=0, equal_nan=True)
-        if exact_scores:
-            torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=0, equal_nan=True)
-        else:
-            assert ((a["scores"] - b["scores"]).abs() <= 1e-6 * a["scores"].abs()).all()
+        for key in ("boxes", "scores"):
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True)
 
 
 # --------------------------------------------------------------------------- stopping logic, synthetic
@@ -102,7 +100,7 @@ def _run_synthetic(boxes, obj, logits, spec: PruneSpec, duplicated: bool = False
     if duplicated:
         for r in full + ours:
             r["query_index"] = r["query_index"] % (boxes.shape[1] // 2)
-    _assert_same_detections(full, ours, exact_scores=True)
+    _assert_same_detections(full, ours)
     return scored, trace
 
 
@@ -262,18 +260,18 @@ class _FixedText(nn.Module):
 def _compare(model, post, samples, categories, sizes, targets=None, criterion=None):
     """Full and pruned forward of the same model; returns (pruned outputs, full outputs)."""
     with torch.no_grad():
-        model.prune_eval = None
+        model.prune_eval = PruneSpec.for_postprocess(post, prune=False)
         full = model(samples, categories=categories)
         model.prune_eval = PruneSpec.for_postprocess(post)
         pruned = model(samples, categories=categories)
+    assert full["scored_queries"].all()
     for key in ("pred_boxes", "proposal_classes", "anchor_index"):
         assert torch.equal(full[key], pruned[key]), key
     scored = pruned["scored_queries"]
     assert scored.dtype == torch.bool and scored.shape == full["pred_boxes"].shape[:2]
     assert (pruned["pred_logits"][~scored] == FILL_LOGIT).all()
-    s_full, s_pruned = full["pred_logits"][scored].sigmoid(), pruned["pred_logits"][scored].sigmoid()
-    assert ((s_full - s_pruned).abs() <= 1e-6 * s_full + 1e-9).all()
-    _assert_same_detections(post(full, sizes), post(pruned, sizes), exact_scores=False)
+    assert torch.equal(full["pred_logits"][scored], pruned["pred_logits"][scored])
+    _assert_same_detections(post(full, sizes), post(pruned, sizes))
     if criterion is not None:  # engine.evaluate's logging pass runs on the pruned outputs
         losses = criterion(pruned, class_agnostic_targets(targets))
         assert all(torch.isfinite(v).all() for v in losses.values())
@@ -384,23 +382,22 @@ def test_main_eval_same_stats_with_and_without_pruning(tmp_path, monkeypatch):
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
-        calls.append(out[1].float().mean().item())
+        calls.append((kwargs["spec"].prune, out[1].float().mean().item()))
         return out
 
     monkeypatch.setattr(models.detector, "pruned_detection_logits", spy)
     stats = {}
     results = {}
     for mode, extra in (("pruned", ()), ("full", ("--no_prune_eval",))):
+        calls.clear()
         out = tmp_path / mode
         stats[mode] = run(coco, out, "--eval", "--num_queries", "200", *extra)
         results[mode] = json.loads((out / "results_bbox.json").read_text())
+        assert calls, "--eval did not score regions"
         if mode == "pruned":
-            assert calls, "--eval did not take the pruned path"
-            pruned_calls = len(calls)
-    assert len(calls) == pruned_calls, "--no_prune_eval still pruned"
+            assert all(prune for prune, _ in calls)
+        else:
+            assert calls == [(False, 1.0)] * len(calls), "--no_prune_eval did not score every query"
     assert stats["pruned"] == stats["full"]
-    assert len(results["pruned"]) == len(results["full"])
-    for a, b in zip(results["pruned"], results["full"], strict=True):
-        assert (a["image_id"], a["category_id"], a["bbox"]) == (b["image_id"], b["category_id"], b["bbox"])
-        assert abs(a["score"] - b["score"]) <= 1e-6 * b["score"]
+    assert results["pruned"] == results["full"]
     assert SCORE_THRESHOLD > torch.sigmoid(torch.tensor(FILL_LOGIT))  # unscored queries never detected
