@@ -18,7 +18,7 @@ Sections (each timing is the median of `--reps` repetitions after one warm-up):
   and of random RN50 at 480×640 (batch 2) without --quick.
 * match: the matcher of every decoder layer (6 layers, Q = 1000, boxes per image 5/20/50, batch
   1/4/8), costs included: scipy per image (with its device → host copies) vs the torch solver per
-  layer vs the torch solver on all layers in one batch (what a layer-batched criterion would do);
+  layer vs the torch solver on all layers in one batch (what the criterion does);
   on the CPU and, when present, on CUDA.
 * ovd: CocoOVDEvaluator on a synthetic 500-image COCO-OVD set (65 classes, 100 detections per
   image): pycocotools vs faster-coco-eval, with the largest difference between their 16 statistics.
