@@ -193,11 +193,19 @@ def main(args):
     # A full checkpoint holds every weight (CLIP included): no archive or region prompt is opened then.
     model, criterion, postprocessors = build_model(args, checkpoint_weights=checkpoint["model"] if checkpoint else None)
     model.to(device)
-    model_ema = None
     if checkpoint is not None:
         load_model_state(model, checkpoint["model"], strict=True)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=False)
+        model_without_ddp = model.module
+    model_ema = None
     if args.model_ema:
-        model_ema = ModelEMA(model, args.model_ema_decay)
+        # Copied after DDP has broadcast rank 0's weights. The original copies before wrapping, so with
+        # seed + rank every rank's EMA starts from its own random initialisation and the evaluations during
+        # training differ on the images of ranks other than 0 (checkpoints hold rank 0's EMA either way).
+        model_ema = ModelEMA(model_without_ddp, args.model_ema_decay)
         if checkpoint is not None:
             ema_weights = checkpoint.get("model_ema")
             if isinstance(ema_weights, dict):
@@ -206,11 +214,6 @@ def main(args):
                 # Unlike the original (which would evaluate its freshly initialised EMA copy), an EMA
                 # missing from the checkpoint starts from the checkpoint's model weights.
                 print(f"{args.resume} has no model_ema: the EMA starts from its model weights")
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=False)
-        model_without_ddp = model.module
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     print("Total number of params in model:", n_parameters)
 

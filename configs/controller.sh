@@ -3,7 +3,9 @@
 #   bash configs/<...>.sh EXP NGPU slurm QUOTA_TYPE PARTITION [extra main.py args]
 # Work dir: the config's path with configs/ -> logs/ and .sh -> /EXP; the console log of every run
 # is appended to <work_dir>/exp_<timestamp>.txt.
-# A config may set `entry=<script>` before sourcing this file (default main.py; local launches only).
+# A config may set `entry=<script>` before sourcing this file (default main.py), for both launch modes.
+# The config's exit status is the launcher's (pipefail: not that of the `tee` into the console log).
+set -o pipefail
 exp=${1:-test}
 gpu=${2:-8}
 type=${3:-local}
@@ -27,6 +29,8 @@ if [ "$type" = "local" ]; then
     # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without a GPU main.py uses the gloo backend on CPU.
     header="torchrun --standalone --nproc_per_node=$gpu ${entry:-main.py} "
 else
-    # submitit: NGPU tasks (several nodes when NGPU exceeds --gpus_per_node), requeue on preemption.
-    header="python scripts/submit_slurm.py --ngpus $gpu --partition $partition --quotatype $quotatype --job_name $exp --job_dir $work_dir -- "
+    # submitit (scripts/submit_slurm.py): NGPU tasks, one per GPU (several nodes when NGPU exceeds its
+    # --gpus_per_node, default 8), requeued on preemption / timeout and resumed from checkpoint.pth.
+    # QUOTA_TYPE 'auto' adds no --quotatype to the job (standard slurm).
+    header="python scripts/submit_slurm.py --entry ${entry:-main.py} --ngpus $gpu --partition $partition --quotatype $quotatype --job_name $exp --job_dir $work_dir -- "
 fi

@@ -48,12 +48,15 @@ relabelled_json=$data_path/annotations/$relabelled
 localizer_dir=logs/COCO/$(basename "$localizer_config" .sh)/$exp
 relabel_dir=logs/relabel_${backbone#clip_}
 
-# The configs tee their console output, which hides the exit status: each stage is judged by its output.
+# A failed stage stops the pipeline with the log to read (the configs keep the launcher's exit status
+# through their `tee`); a stage that exits 0 must also have written its output.
+fail() {  # fail MESSAGE LOG
+    echo "tools/reproduce_coco.sh: $1; see $2" >&2
+    exit 1
+}
+
 require() {  # require FILE STAGE LOG
-    if [ ! -f "$1" ]; then
-        echo "tools/reproduce_coco.sh: $2 did not produce $1; see $3" >&2
-        exit 1
-    fi
+    [ -f "$1" ] || fail "$2 did not produce $1" "$3"
 }
 
 localizer_done() {  # the run's log.txt records its last epoch (main.py appends it after checkpoint.pth)
@@ -76,7 +79,8 @@ if [ -f "$prompt_file" ]; then
     echo "   exists, skipped"
 else
     # shellcheck disable=SC2086  # the flag strings are word-split on purpose
-    bash "$prompt_config" "$exp" "$ngpu" local $model_flag ${PROMPT_ARGS:-}
+    bash "$prompt_config" "$exp" "$ngpu" local $model_flag ${PROMPT_ARGS:-} \
+        || fail "stage 1 (region prompting) failed" "logs/COCO/region_prompt_${variant}/$exp/exp_*.txt"
     require "$prompt_file" "stage 1 (region prompting)" "logs/COCO/region_prompt_${variant}/$exp/exp_*.txt"
 fi
 
@@ -89,7 +93,8 @@ else
     torchrun --standalone --nproc_per_node="$ngpu" tools/relabel.py --coco_path "$data_path" \
         --backbone "$backbone" --region_prompt_path "$prompt_file" --relabel_folder "$relabel_dir" \
         --target_name "$relabelled_json" $model_flag ${RELABEL_ARGS:-} \
-        2>&1 | tee -a "$relabel_dir/exp_$(date +%Y%m%d_%H%M%S).txt"
+        2>&1 | tee -a "$relabel_dir/exp_$(date +%Y%m%d_%H%M%S).txt" \
+        || fail "stage 2 (relabelling) failed" "$relabel_dir/exp_*.txt"
     require "$relabelled_json" "stage 2 (relabelling)" "$relabel_dir/exp_*.txt"
 fi
 
@@ -98,7 +103,8 @@ if localizer_done; then
     echo "   finished, skipped"
 else
     # shellcheck disable=SC2086
-    bash "$localizer_config" "$exp" "$ngpu" local $model_flag ${LOCALIZER_ARGS:-}
+    bash "$localizer_config" "$exp" "$ngpu" local $model_flag ${LOCALIZER_ARGS:-} \
+        || fail "stage 3 (localizer) failed" "$localizer_dir/exp_*.txt"
     if ! localizer_done; then
         echo "tools/reproduce_coco.sh: stage 3 (localizer) did not finish; see $localizer_dir/exp_*.txt" >&2
         exit 1
