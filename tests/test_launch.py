@@ -1,7 +1,8 @@
 """Launching as the original does: `configs/COCO/<config>.sh EXP NGPU local|slurm ...` (configs/controller.sh).
 
 * local: torchrun with 2 CPU processes (gloo) trains and evaluates; evaluation gives the same detections and
-  statistics with 2 processes as with 1.
+  statistics with 2 processes as with 1; one training iteration on fixed inputs gives the same losses and
+  weights with 2 processes as with 1 (tests/dist_loss_worker.py).
 * slurm: scripts/submit_slurm.py through submitit's local executor (2 tasks), preempted by USR2 after the first
   epoch, requeued, resumed from checkpoint.pth; the sbatch file a slurm submission writes (fake `sbatch`);
   node / task arithmetic, quota type, the tasks' distributed environment; bad input.
@@ -160,6 +161,34 @@ def test_local_two_processes_train_and_eval_parity(repo, coco):
     # initialisation, so rank 1's images were scored by another EMA than the one checkpoint.pth holds).
     in_training = json.loads((out / "results_bbox.json").read_text())
     assert in_training == results_one
+
+
+def test_two_processes_give_the_loss_and_update_of_one(tmp_path, coco):
+    """`engine.train_one_epoch` under torchrun: 2 processes with one golden image each log the loss of 1 process
+    with both, and take the same AdamW step (num_boxes averaged over ranks, DDP's gradient mean, reduced losses).
+
+    Through the configs this cannot hold exactly: as in the original, every process draws its own augmentation
+    (seed + rank) and dropout, so the worker feeds fixed inputs (tests/dist_loss_worker.py) with dropout 0."""
+    results = {}
+    for n in (1, 2):
+        out = tmp_path / f"world{n}.pth"
+        proc = subprocess.run(["torchrun", "--standalone", f"--nproc_per_node={n}", "tests/dist_loss_worker.py",
+                               str(out)], cwd=ROOT, env=env_for(coco), capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results[n] = torch.load(out, weights_only=True)
+        assert results[n]["world_size"] == n
+    one, two = results[1]["stats"], results[2]["stats"]
+    assert one.keys() == two.keys() and "loss_ce_1" in one
+    for key in one:
+        if key == "matched_gt_unscaled":  # a logged ratio the original takes per rank, then averages
+            continue
+        assert abs(one[key] - two[key]) <= 1e-5 * abs(one[key]) + 1e-7, (key, one[key], two[key])
+    before = golden.load("checkpoint_tiny.pth")["model"]
+    moved = 0
+    for key, value in results[1]["weights"].items():
+        torch.testing.assert_close(results[2]["weights"][key], value, rtol=0, atol=1e-6, msg=key)
+        moved += int(not torch.equal(value, before[key]))
+    assert moved > 0, "the step changed no weight"
 
 
 # ----------------------------------------------------------------------------------------------------------
