@@ -44,6 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", default=42, type=int)
     # CLIP
     p.add_argument("--backbone", default="clip_RN50", type=str, help="clip_RN50 or clip_RN50x4")
+    p.add_argument("--image_scale", default=1.0, type=float,
+                   help="multiplies the transforms' image sizes (1: 800 px val, 480-800 train; the toy world 0.32)")
     p.add_argument("--model_path", default="", type=str,
                    help="OpenAI-format CLIP archive (default ~/.cache/clip/<name>.pt), for both towers")
     p.add_argument("--text_len", default=77, type=int, help="context length of the text classifier")

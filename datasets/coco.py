@@ -278,8 +278,8 @@ def ovd_annotation_files(
 def build(image_set: str, args: Any) -> CocoDetection:
     """Dataset for `image_set` ('train' / 'val').
 
-    Reads `args.coco_path`, `args.ovd`, `args.label_version`, `args.eval_target` and `args.backbone`
-    (a backbone name starting with 'clip' selects CLIP normalisation).
+    Reads `args.coco_path`, `args.ovd`, `args.label_version`, `args.eval_target`, `args.backbone`
+    (a backbone name starting with 'clip' selects CLIP normalisation) and `args.image_scale` (optional).
     """
     root = Path(args.coco_path)
     if not root.exists():
@@ -298,5 +298,6 @@ def build(image_set: str, args: Any) -> CocoDetection:
         raise FileNotFoundError(
             f"annotation file {ann_file} for the {image_set} set (selected by {why}) not found"
         )
-    transforms = make_coco_transforms(image_set, clip_normalisation=args.backbone.startswith("clip"))
+    transforms = make_coco_transforms(image_set, clip_normalisation=args.backbone.startswith("clip"),
+                                      image_scale=getattr(args, "image_scale", 1.0))
     return CocoDetection(img_folder=img_folder, ann_file=ann_file, transforms=transforms)

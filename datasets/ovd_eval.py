@@ -2,7 +2,8 @@
 
 `CocoOVDEvaluator` computes the 12 standard COCO box statistics plus the OVD numbers the paper
 reports: AP50 over the 48 base and over the 17 novel ("target") categories, each the mean of the
-per-category AP50, and the matching recalls. `stats` holds 16 numbers, the first 12 as fractions
+per-category AP50 (or over the json's own split when its categories carry `"split"`: `ovd_split`),
+and the matching recalls. `stats` holds 16 numbers, the first 12 as fractions
 and the last 4 in percent, exactly as the original appends them; `stats[13]` (novel AP50) picks the
 best checkpoint.
 
@@ -47,6 +48,23 @@ BASE_CATIDS: tuple[int, ...] = (
     25, 31, 56, 82, 75, 42, 3, 65, 52, 60, 35, 1, 8, 44, 33, 24,
 )  # fmt: skip
 NOVEL_CATIDS: tuple[int, ...] = (28, 21, 47, 6, 76, 41, 18, 63, 32, 36, 81, 22, 61, 87, 5, 17, 49)
+OVD_SPLITS: tuple[str, ...] = ("base", "novel")
+
+
+def ovd_split(categories: Iterable[Mapping[str, Any]]) -> tuple[frozenset[int], frozenset[int]]:
+    """`(base category ids, novel category ids)` of a json's `categories`.
+
+    A json whose categories carry `"split": "base" | "novel"` (e.g. the toy world's) defines its own
+    split; a category without the field is in neither group. Otherwise (COCO's OVD jsons, which have
+    no such field) the split is COCO's 48 / 17 by category id.
+    """
+    categories = list(categories)
+    if not any("split" in c for c in categories):
+        return frozenset(BASE_CATIDS), frozenset(NOVEL_CATIDS)
+    bad = [(c["id"], c["split"]) for c in categories if "split" in c and c["split"] not in OVD_SPLITS]
+    if bad:
+        raise ValueError(f"category split must be one of {OVD_SPLITS}; found (id, split) {bad[:5]}")
+    return tuple(frozenset(c["id"] for c in categories if c.get("split") == s) for s in OVD_SPLITS)
 
 STAT_NAMES: tuple[str, ...] = (
     "AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -292,6 +310,7 @@ class CocoOVDEvaluator:
         self.coco_gt = self._api.index(data)
         catids = [c["id"] for c in data["categories"]]
         self.label2catid = _label_table(label2catid, catids)
+        self.base_catids, self.novel_catids = ovd_split(data["categories"])
         self._store = _DetectionStore(
             image_ids=(img["id"] for img in data["images"]), label2catid=self.label2catid, valid_catids=catids
         )
@@ -386,7 +405,7 @@ class CocoOVDEvaluator:
         category as the original's `label2catid[k]` since labels rank the category ids.
         """
         groups: dict[str, list[list[float]]] = {"base": [[], []], "novel": [[], []]}
-        base, novel = set(BASE_CATIDS), set(NOVEL_CATIDS)
+        base, novel = self.base_catids, self.novel_catids
         for cat_id, (ap, ar) in self.per_category().items():
             group = "base" if cat_id in base else "novel" if cat_id in novel else None
             if group is None:

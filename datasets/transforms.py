@@ -256,26 +256,36 @@ class Compose:
         return f"Compose({inner}\n)"
 
 
-def make_coco_transforms(image_set: str, clip_normalisation: bool) -> Compose:
+def make_coco_transforms(image_set: str, clip_normalisation: bool, *, image_scale: float = 1.0) -> Compose:
     """The original's train / val pipelines.
 
     train: flip(0.5) → [0.5: resize(scales, max 1333) | 0.5: resize([400,500,600]) → RandomSizeCrop(384, 600)
     → resize(scales, max 1333)] → normalise. val: resize(800, max 1333) → normalise.
-    `clip_normalisation` selects CLIP's mean/std instead of ImageNet's.
+    `clip_normalisation` selects CLIP's mean/std instead of ImageNet's. `image_scale` multiplies every
+    size above (rounded; 1 = the original's): small images, e.g. the toy world's 256 px scenes
+    (`--image_scale 0.32`), are then not blown up to 800 px.
     """
+    if not image_scale > 0:
+        raise ValueError(f"image_scale {image_scale}: must be positive")
+
+    def sized(*sizes: int) -> tuple[int, ...]:
+        return tuple(sizes) if image_scale == 1.0 else tuple(max(1, round(s * image_scale)) for s in sizes)
+
+    train_scales, max_size = sized(*TRAIN_SCALES), sized(MAX_SIZE)[0]
     mean, std = (CLIP_MEAN, CLIP_STD) if clip_normalisation else (IMAGENET_MEAN, IMAGENET_STD)
     normalize = Compose(transforms=[ToRGB(), ToTensor(), Normalize(mean=mean, std=std)])
     if image_set == "train":
+        crop_min, crop_max = sized(TRAIN_CROP_MIN, TRAIN_CROP_MAX)
         return Compose(
             transforms=[
                 RandomHorizontalFlip(p=0.5),
                 RandomSelect(
-                    transforms1=RandomResize(sizes=TRAIN_SCALES, max_size=MAX_SIZE),
+                    transforms1=RandomResize(sizes=train_scales, max_size=max_size),
                     transforms2=Compose(
                         transforms=[
-                            RandomResize(sizes=TRAIN_CROP_RESIZE),
-                            RandomSizeCrop(min_size=TRAIN_CROP_MIN, max_size=TRAIN_CROP_MAX),
-                            RandomResize(sizes=TRAIN_SCALES, max_size=MAX_SIZE),
+                            RandomResize(sizes=sized(*TRAIN_CROP_RESIZE)),
+                            RandomSizeCrop(min_size=crop_min, max_size=crop_max),
+                            RandomResize(sizes=train_scales, max_size=max_size),
                         ]
                     ),
                     p=0.5,
@@ -284,5 +294,5 @@ def make_coco_transforms(image_set: str, clip_normalisation: bool) -> Compose:
             ]
         )
     if image_set == "val":
-        return Compose(transforms=[RandomResize(sizes=[VAL_SIZE], max_size=MAX_SIZE), normalize])
+        return Compose(transforms=[RandomResize(sizes=list(sized(VAL_SIZE)), max_size=max_size), normalize])
     raise ValueError(f"make_coco_transforms: unknown image_set {image_set!r}, expected 'train' or 'val'")

@@ -51,7 +51,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler  # noqa: E402
 
 from datasets.coco import OVD_VAL_JSON, CocoDetection  # noqa: E402
-from datasets.ovd_eval import BASE_CATIDS, NOVEL_CATIDS  # noqa: E402
+from datasets.ovd_eval import ovd_split  # noqa: E402
 from datasets.transforms import make_coco_transforms  # noqa: E402
 from models.backbone import Backbone  # noqa: E402
 from models.clip import (  # noqa: E402
@@ -282,7 +282,7 @@ def annotation_file(coco_path: str | os.PathLike, name: str) -> Path:
 
 
 def build_split(coco_path: str | os.PathLike, json_name: str, image_dir: str, image_set: str, *,
-                flag: str) -> CocoDetection:
+                flag: str, image_scale: float = 1.0) -> CocoDetection:
     """A CocoDetection over `<coco_path>/<image_dir>` with the localizer's `image_set` transforms (CLIP mean/std)."""
     root = Path(coco_path)
     if not root.is_dir():
@@ -291,7 +291,8 @@ def build_split(coco_path: str | os.PathLike, json_name: str, image_dir: str, im
     if not ann_file.is_file():
         raise FileNotFoundError(f"{flag} {json_name}: annotation file {ann_file} not found")
     return CocoDetection(img_folder=root / image_dir, ann_file=ann_file,
-                         transforms=make_coco_transforms(image_set, clip_normalisation=True))
+                         transforms=make_coco_transforms(image_set, clip_normalisation=True,
+                                                         image_scale=image_scale))
 
 
 def images_with_boxes(dataset: CocoDetection) -> list[int]:
@@ -317,12 +318,13 @@ def region_accuracy(model: RegionClassifier, loader, dataset: CocoDetection, tex
 
     variants: name -> positional embedding to score with (e.g. CLIP's, the learned prompt). The
     trunk runs once per batch; only the attention pool's embedding changes between variants. Boxes
-    are split by their category id into the COCO-OVD base / novel lists. Counts are summed over
+    are split by their category id into base / novel (`datasets.ovd_eval.ovd_split`: the json's own
+    `split` fields, else the COCO-OVD lists). Counts are summed over
     processes. Returns `{variant: {'base', 'novel', 'all': accuracy or None, 'correct': {...},
     'boxes': {...}}}`.
     """
     model.eval()
-    base, novel = set(BASE_CATIDS), set(NOVEL_CATIDS)
+    base, novel = ovd_split(dataset.coco.dataset["categories"])
     counts = {name: {"correct": {"base": 0, "novel": 0, "other": 0}, "boxes": {"base": 0, "novel": 0, "other": 0}}
               for name in variants}
     logger = MetricLogger()
@@ -385,6 +387,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="clip_RN50", type=str, help="clip_RN50 or clip_RN50x4")
     p.add_argument("--model_path", default="", type=str, help="OpenAI CLIP archive (default ~/.cache/clip/<name>.pt)")
     p.add_argument("--text_len", default=25, type=int, help="context length of the text classifier")
+    p.add_argument("--image_scale", default=1.0, type=float, help="multiplies the transforms' image sizes")
     p.add_argument("--lr_prompt", default=1e-4, type=float)
     p.add_argument("--weight_decay", default=1e-4, type=float)
     p.add_argument("--clip_max_norm", default=0.1, type=float)
@@ -416,7 +419,8 @@ def _seed_everything(seed: int) -> None:
 
 def _report_accuracy(args, model: RegionClassifier, classifier: TextClassifier, clip_pe: torch.Tensor,
                      device: torch.device, output_dir: Path | None) -> dict[str, Any]:
-    dataset_val = build_split(args.coco_path, args.val_json, "val2017", "val", flag="--val_json")
+    dataset_val = build_split(args.coco_path, args.val_json, "val2017", "val", flag="--val_json",
+                              image_scale=args.image_scale)
     text_val = text_embeddings(classifier, dataset_val.category_list)
     loader = eval_loader(dataset_val, images_with_boxes(dataset_val), batch_size=args.batch_size,
                          num_workers=args.num_workers)
@@ -462,7 +466,8 @@ def main(args) -> dict[str, Any]:
         result["accuracy"] = _report_accuracy(args, model, classifier, clip_pe, device, output_dir)
         return result
 
-    dataset_train = build_split(args.coco_path, args.train_json, "train2017", "train", flag="--train_json")
+    dataset_train = build_split(args.coco_path, args.train_json, "train2017", "train", flag="--train_json",
+                                image_scale=args.image_scale)
     text_train = text_embeddings(classifier, dataset_train.category_list)
     world, rank = dist.get_world_size(), dist.get_rank()
     # seed = --seed on every process: all of them must agree on the shuffle, set_epoch varies it per epoch

@@ -192,6 +192,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--region_prompt_path", default="", type=str,
                    help="learned region prompt (default logs/region_prompt_<R50|R50x4>.pth)")
     p.add_argument("--text_len", default=25, type=int, help="context length of the text classifier")
+    p.add_argument("--image_scale", default=1.0, type=float, help="multiplies the val transform's image size")
     p.add_argument("--batch_size", default=4, type=int, help="images per process")
     p.add_argument("--num_workers", default=2, type=int)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -242,7 +243,8 @@ def main(args) -> dict[str, Any]:
     if not ann_file.is_file():
         raise FileNotFoundError(f"--train_json {args.train_json}: annotation file {ann_file} not found")
     dataset = AnnotatedBoxes(img_folder=args.image_folder or Path(args.coco_path) / "train2017", ann_file=ann_file,
-                             transforms=make_coco_transforms("val", clip_normalisation=True))
+                             transforms=make_coco_transforms("val", clip_normalisation=True,
+                                                             image_scale=args.image_scale))
     text = text_embeddings(classifier, dataset.category_list)
     if dist.is_main_process():
         Path(args.relabel_folder).mkdir(parents=True, exist_ok=True)

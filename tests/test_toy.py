@@ -1,0 +1,186 @@
+"""The miniature world (tools/toy): generator, COCO-OVD files, OpenAI-format CLIP archive, CLIP training.
+
+    python -m pytest -q tests/test_toy.py
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datasets import build_dataset, get_coco_api_from_dataset
+from datasets.ovd_eval import BASE_CATIDS, NOVEL_CATIDS, CocoOVDEvaluator, ovd_split
+from models.clip import build_text_classifier, build_visual, read_clip_archive, visual_state_dict
+from tools.toy import world
+from tools.toy.clip_export import ToyCLIP, ToyCLIPConfig, export_archive, load_state_into
+from tools.toy.make_dataset import image_rng, make_dataset
+from tools.toy.train_clip import contrastive_loss, normalise, train
+
+SMALL = dict(train=6, val=4, captions=12, test_per_class=1, image_size=128, crop_resolution=64, workers=1)
+# Small enough to train in seconds; S=2 -> 64 px crops.
+TINY_CLIP = ToyCLIPConfig(vision_width=8, attnpool_grid=2, output_dim=32, text_width=64, text_layers=1)
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "toy_world.json"}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("toy") / "seed0"
+    make_dataset(out=root, seed=0, **SMALL)
+    return root
+
+
+def _args(root: Path) -> argparse.Namespace:
+    return argparse.Namespace(dataset_file="coco", coco_path=str(root), ovd=True, label_version="", eval_target=False,
+                              backbone="clip_RN50")
+
+
+def test_generator_is_deterministic_per_seed(toy, tmp_path):
+    again, other = tmp_path / "again", tmp_path / "other"
+    make_dataset(out=again, seed=0, **{**SMALL, "workers": 2})  # the worker count must not matter
+    make_dataset(out=other, seed=1, **SMALL)
+    reference = _digest(toy)
+    assert any(k.startswith("train2017/") for k in reference) and "clip/captions_train.json" in reference
+    assert _digest(again) == reference
+    different = _digest(other)
+    assert different.keys() == reference.keys()
+    assert all(different[k] != reference[k] for k in reference if k.endswith(".jpg"))
+
+
+def test_jsons_load_through_the_ovd_loader(toy):
+    train, val = build_dataset("train", _args(toy)), build_dataset("val", _args(toy))
+    assert train.category_list == list(world.BASE_NAMES)
+    assert val.category_list == list(world.CLASS_NAMES)
+    base_ids = {c.id for c in world.CLASSES if c.split == "base"}
+    novel_ids = {c.id for c in world.CLASSES if c.split == "novel"}
+    assert len(base_ids) == 12 and len(novel_ids) == 4
+    assert {a["category_id"] for a in train.coco.dataset["annotations"]} <= base_ids
+    assert len(train) == SMALL["train"] and len(val) == SMALL["val"]
+    # every image is listed in the base json, boxes or not; the all-boxes json has the novel ones too
+    every = json.loads((toy / "annotations" / "instances_train2017_all.json").read_text())
+    assert [a for a in every["annotations"] if a["category_id"] in base_ids] == train.coco.dataset["annotations"]
+    assert ovd_split(val.coco.dataset["categories"]) == (frozenset(base_ids), frozenset(novel_ids))
+    image, target = val[0]
+    assert image.shape[0] == 3 and target["labels"].numel() == len(val.coco.imgToAnns[val.ids[0]])
+
+
+def test_evaluator_uses_the_json_split_and_keeps_coco_s(toy):
+    val = build_dataset("val", _args(toy))
+    evaluator = CocoOVDEvaluator(get_coco_api_from_dataset(val), val.label2catid, verbose=False)
+    # ground truth as detections: every class present scores AP50 100
+    for image_id in val.ids:
+        anns = val.coco.imgToAnns[image_id]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                              for a in anns], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([val.catid2label[a["category_id"]] for a in anns], dtype=torch.int64)
+        evaluator.update({image_id: {"boxes": boxes, "labels": labels, "scores": torch.ones(len(anns))}})
+    evaluator.accumulate()
+    stats = evaluator.summarize()
+    present = {a["category_id"] for a in val.coco.dataset["annotations"]}
+    if present & evaluator.novel_catids:
+        assert stats[13] == pytest.approx(100.0)
+    assert stats[12] == pytest.approx(100.0)
+    coco_like = [{"id": c, "name": str(c)} for c in (*BASE_CATIDS, *NOVEL_CATIDS)]
+    assert ovd_split(coco_like) == (frozenset(BASE_CATIDS), frozenset(NOVEL_CATIDS))
+    with pytest.raises(ValueError, match="split"):
+        ovd_split([{"id": 1, "name": "a", "split": "rare"}])
+
+
+def test_boxes_are_the_extent_of_the_drawn_pixels():
+    for index in range(20):
+        rng = image_rng(0, "val", index)
+        canvas = world.background(rng, 128, 128)
+        drawn = canvas.copy()
+        objects = world.place_objects(rng, drawn, ["star", "ring", "crescent"][: 1 + index % 3], size_range=(20, 60))
+        changed = np.any(drawn != canvas, axis=-1)
+        assert np.array_equal(changed, np.any([o.mask for o in objects], axis=0))
+        if len(objects) == 1:  # a single object: its box tightly covers the non-background pixels
+            ys, xs = np.nonzero(changed)
+            assert objects[0].box() == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        for o in objects:
+            x, y, w, h = o.box()
+            assert o.mask[y:y + h, x:x + w].sum() == o.mask.sum()  # nothing outside the box
+            assert o.mask[y, x:x + w].any() and o.mask[y + h - 1, x:x + w].any()  # no empty border row / column
+            assert o.mask[y:y + h, x].any() and o.mask[y:y + h, x + w - 1].any()
+
+
+def test_json_boxes_are_those_of_the_rendered_scene(toy):
+    val = json.loads((toy / "annotations" / "instances_val2017_basetarget.json").read_text())
+    names = {c["id"]: c["name"] for c in val["categories"]}
+    for index, image in enumerate(val["images"]):
+        _, objects = world.render_scene(image_rng(0, "val", index), height=image["height"], width=image["width"])
+        anns = [a for a in val["annotations"] if a["image_id"] == image["id"]]
+        assert [(names[a["category_id"]], a["bbox"]) for a in anns] == [(o.name, o.box()) for o in objects]
+
+
+def test_archive_round_trips_through_both_loaders(tmp_path):
+    import open_clip
+
+    torch.manual_seed(0)
+    model = ToyCLIP(TINY_CLIP).eval()
+    path = tmp_path / "clip_tiny_toy.pt"
+    export_archive(model, path)
+    arch, state = read_clip_archive(str(path))
+    assert (arch.vision_layers, arch.vision_width, arch.output_dim, arch.attnpool_grid) == ((1, 1, 1, 1), 8, 32, 2)
+    assert (arch.text_width, arch.text_layers, arch.context_length, arch.vocab_size) == (64, 1, 77, 49408)
+    # OpenAI's layout: key order of its archives, int buffers, fp16 weights, fp32 norms and positions
+    assert list(state)[:7] == ["positional_embedding", "text_projection", "logit_scale", "input_resolution",
+                               "context_length", "vocab_size", "visual.conv1.weight"]
+    assert int(state["input_resolution"]) == 64 and int(state["context_length"]) == 77
+    assert state["visual.conv1.weight"].dtype == torch.float16 and state["visual.bn1.weight"].dtype == torch.float32
+    assert state["positional_embedding"].dtype == torch.float32 and state["text_projection"].dtype == torch.float16
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.load(str(path), map_location="cpu").state_dict()
+        reference = open_clip.load_openai_model(str(path), device="cpu").state_dict()
+    assert list(scripted) == list(state)
+    assert all(torch.equal(scripted[k], state[k]) and scripted[k].dtype == state[k].dtype for k in state)
+    assert set(reference) == set(state) - {"input_resolution", "context_length", "vocab_size"}
+    assert all(torch.equal(reference[k].float(), state[k].float()) for k in reference)
+    assert torch.equal(state["visual.layer4.0.conv2.weight"], model.visual.layer4[0].conv2.weight.half())
+
+    # the detector's modules built from the archive compute what ToyCLIP computes with those weights
+    rounded = ToyCLIP(TINY_CLIP).eval()
+    load_state_into(rounded, {k: v.float() for k, v in state.items()})
+    visual = build_visual(arch).eval()
+    visual.load_state_dict({k: v.float() for k, v in visual_state_dict(state).items()})
+    classifier = build_text_classifier(arch, 25, state).float()
+    images = torch.randn(3, 3, 64, 64)
+    tokens = classifier.tokenize(["a red star", "a photo of a crescent.", "hourglass"])
+    with torch.no_grad():
+        torch.testing.assert_close(visual(images), rounded.encode_image(images), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(classifier.encode_text(tokens), rounded.encode_text(tokens), rtol=1e-4, atol=1e-5)
+
+
+def test_short_clip_training_lowers_the_contrastive_loss():
+    rng = np.random.default_rng(0)
+    crops, captions = [], []
+    for i in range(48):
+        image, objects = world.render_crop(rng, resolution=64, name=world.CLASS_NAMES[i % 4], scene_probability=0)
+        crops.append(image)
+        captions.append(f"a {objects[0].name}")
+    images = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+    model, curve = train(images=images, captions=captions, cfg=TINY_CLIP, steps=40, batch_size=32, lr=2e-3,
+                         warmup=5, log_every=10)
+    assert curve[-1]["loss"] < 0.8 * curve[0]["loss"], curve
+    with torch.no_grad():
+        image, text = model(normalise(images[:8]), model_tokens(captions[:8]))
+    ids = torch.tensor([i % 4 for i in range(8)])
+    assert torch.isfinite(contrastive_loss(image, text, ids, model.logit_scale))
+    assert F.cosine_similarity(image, text).shape == (8,)
+
+
+def model_tokens(captions: list[str]) -> torch.Tensor:
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()(captions, context_length=32)
