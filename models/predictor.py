@@ -167,6 +167,8 @@ class Predictor:
     target_class_factor: the novel-class boost, applied only to benchmark vocabularies (module doc).
     resize: the val resize (shorter side 800, longer at most 1333); False feeds images at their own
     size (how the golden single-image files were made; the model was trained at 480-800).
+    image_scale: multiplies the val resize's sizes as `--image_scale` does in training (rounded; the toy
+    world's 0.32: shorter side 256, longer at most 427); `from_checkpoint` reads the run's stored value.
     cache_dir / disk_cache: where text embeddings are kept between processes (default
     `models.text_cache.default_cache_dir()`); `disk_cache=False` keeps them in memory only.
     device: 'cuda', 'cpu', ...; default cuda when available, else cpu.
@@ -174,8 +176,11 @@ class Predictor:
 
     def __init__(self, model: CORA, *, use_nms: bool = True, target_class_factor: float = 1.0, resize: bool = True,
                  cache_dir: str | os.PathLike | None = None, disk_cache: bool = True,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, image_scale: float = 1.0):
+        if not image_scale > 0:
+            raise ValueError(f"image_scale {image_scale}: must be positive")
         self.device = resolve_device(device)
+        self.image_scale = float(image_scale)
         self.use_nms = use_nms
         self.target_class_factor = float(target_class_factor)
         self.resize = resize
@@ -191,7 +196,7 @@ class Predictor:
                         region_prompt: str | os.PathLike | None = None, use_ema: bool = True,
                         device: str | torch.device | None = None, cache_dir: str | os.PathLike | None = None,
                         disk_cache: bool = True, resize: bool = True, use_nms: bool | None = None,
-                        target_class_factor: float | None = None) -> Predictor:
+                        target_class_factor: float | None = None, image_scale: float | None = None) -> Predictor:
         """Build the model a checkpoint describes and load its weights (`model_ema` when present and
         `use_ema`, else `model`; a bare state dict is accepted too).
 
@@ -199,7 +204,8 @@ class Predictor:
         and the tensors' shapes. A published/full checkpoint holds every CLIP tensor, so no CLIP archive
         or region prompt is read. `clip_archive` (OpenAI's `RN50.pt`, ...) and `region_prompt` are only
         used for a detector-only checkpoint (no `backbone.0.*` / `classifier.*` tensors).
-        use_nms / target_class_factor: default to the checkpoint's `--use_nms` / `--target_class_factor`.
+        use_nms / target_class_factor / image_scale: default to the checkpoint's `--use_nms` /
+        `--target_class_factor` / `--image_scale` (1 when the checkpoint stores none).
         """
         source = str(checkpoint_path)
         checkpoint = load_checkpoint(checkpoint_path)
@@ -220,8 +226,12 @@ class Predictor:
             use_nms = bool(args.use_nms and not args.no_nms)
         if target_class_factor is None:
             target_class_factor = float(args.target_class_factor)
+        if image_scale is None:
+            # a run setting, not a model one: read from the stored args themselves (args_for_weights keeps
+            # only what defines the model)
+            image_scale = float(getattr(stored, "image_scale", 1.0) if stored is not None else 1.0)
         return cls(model, use_nms=use_nms, target_class_factor=target_class_factor, resize=resize,
-                   cache_dir=cache_dir, disk_cache=disk_cache, device=device)
+                   cache_dir=cache_dir, disk_cache=disk_cache, device=device, image_scale=image_scale)
 
     # ---------------------------------------------------------------- pieces of predict()
     def preprocess(self, image: ImageInput, *, index: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -230,7 +240,9 @@ class Predictor:
         rgb = load_rgb(image, index=index)
         width, height = rgb.size
         if self.resize:
-            rgb, _ = resize(rgb, None, VAL_SIZE, MAX_SIZE)
+            size, max_size = (VAL_SIZE, MAX_SIZE) if self.image_scale == 1.0 else (
+                max(1, round(VAL_SIZE * self.image_scale)), max(1, round(MAX_SIZE * self.image_scale)))
+            rgb, _ = resize(rgb, None, size, max_size)
         tensor, _ = self._to_tensor(rgb, None)
         if min(tensor.shape[-2:]) < MIN_SIDE:
             raise ValueError(f"{_describe(image, index)}: {height}x{width} pixels become {tuple(tensor.shape[-2:])} "

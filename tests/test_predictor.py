@@ -390,3 +390,21 @@ def test_damaged_cache_file_is_ignored_and_rewritten(small_checkpoint, tmp_path,
     fresh = Predictor.from_checkpoint(small_checkpoint, cache_dir=tmp_path)
     fresh.text_embeddings(["cat"])
     assert text_tower_calls == [["cat"]], "the rewritten file is read"
+
+
+def test_image_scale_comes_from_the_stored_args(tmp_path, cache_dir):
+    """A run trained with --image_scale (the toy world's 0.32) is served at that scale: the val resize's
+    800 / 1333 become 256 / 427; an explicit image_scale overrides the stored one."""
+    path = tmp_path / "scaled.pth"
+    save_checkpoint(_checkpoint(_cut_queries, args_change=lambda a: setattr(a, "image_scale", 0.32)), path)
+    p = Predictor.from_checkpoint(path, cache_dir=cache_dir)
+    assert p.image_scale == 0.32
+    tensor, size = p.preprocess(COFFEE_SAMPLE)
+    expected, _ = make_coco_transforms("val", clip_normalisation=True, image_scale=0.32)(
+        Image.open(COFFEE_SAMPLE).convert("RGB"), None)
+    assert size == (400, 600) and tuple(tensor.shape[-2:]) == (256, 384)
+    assert torch.equal(tensor, expected)
+    assert Predictor.from_checkpoint(path, cache_dir=cache_dir, image_scale=1.0).preprocess(COFFEE_SAMPLE)[0].shape[-2:] \
+        == (800, 1200)
+    with pytest.raises(ValueError, match="image_scale"):
+        Predictor(p.model, image_scale=0.0, disk_cache=False)

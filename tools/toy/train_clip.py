@@ -1,6 +1,6 @@
 """Contrastive pretraining of the miniature CLIP on the toy image-text set, exported as an OpenAI archive.
 
-    python -m tools.toy.train_clip --data data/toy --out data/toy/clip_toy.pt          # ~5 min on 2 CPU cores
+    python -m tools.toy.train_clip --data data/toy --out data/toy/clip_toy.pt          # ~12 min on 2 CPU cores
     python -m tools.toy.train_clip --data data/toy --out data/toy/clip_toy.pt --eval_only
 
 Writes `--out` (OpenAI-format TorchScript, read by `models.clip.read_clip_archive` and
@@ -144,9 +144,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("toy CLIP", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/toy", type=str, help="output folder of tools.toy.make_dataset")
     p.add_argument("--out", default="data/toy/clip_toy.pt", type=str)
-    p.add_argument("--steps", default=350, type=int)
+    p.add_argument("--steps", default=800, type=int)
     p.add_argument("--batch_size", default=256, type=int)
-    p.add_argument("--lr", default=2e-3, type=float)
+    p.add_argument("--lr", default=3e-3, type=float)
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--vision_width", default=16, type=int)
     p.add_argument("--output_dim", default=64, type=int)
