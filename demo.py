@@ -1,6 +1,7 @@
 """Detect objects in your own images with a CORA checkpoint and a vocabulary of your choice.
 
-    bash demo.sh                                        # assets/samples/, COCO vocabulary
+    bash demo.sh                                        # the bundled miniature model on toy images (below)
+    bash demo.sh --custom_vocabulary "heart,star,ring"  # the same, your words
     bash demo.sh --input my.jpg photos/ "shots/*.png" --custom_vocabulary "cat,remote control" \\
                  --resume /path/to/checkpoint.pth --output outputs/demo
     python demo.py --dataset --coco_path data/coco --num_images 50 --resume /path/to/checkpoint.pth
@@ -12,6 +13,11 @@ one colour per class), and all detections go to `<output>/detections.json`, a li
 results style: `image_id`, `file_name`, `bbox` [x, y, w, h] in pixels of the image as displayed
 (EXIF orientation applied), `score`, `category_name`, and `category_id` for the COCO / LVIS
 vocabularies and `--dataset`.
+
+Without a checkpoint (no `--resume`, no $CORA_CHECKPOINT, no checkpoints/cora_rn50.pth) and without
+`--input`, the demo runs the model trained by tools/toy/run_all.sh on the miniature world
+(`assets/toy/cora_toy.pth`) on toy scenes (`assets/toy/samples/`) with its 16 class names, four of
+which it never saw a box of; a published CORA checkpoint is needed for real photos.
 
 `--dataset` draws the first `--num_images` images of a COCO-format val split (`--coco_path`:
 `val2017/` and `annotations/`) with their detections for the split's own categories, as the
@@ -32,6 +38,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 SAMPLES_DIR = ROOT / "assets" / "samples"
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "cora_rn50.pth"
+# tools/toy/run_all.sh, then tools/toy/bundle.py: the localizer without CLIP, the toy CLIP archive, its region prompt
+TOY_CHECKPOINT = ROOT / "assets" / "toy" / "cora_toy.pth"
+TOY_CLIP = ROOT / "assets" / "toy" / "clip_toy.pt"
+TOY_PROMPT = ROOT / "assets" / "toy" / "region_prompt_toy.pth"
+TOY_SAMPLES_DIR = ROOT / "assets" / "toy" / "samples"
 CHECKPOINT_ENV = "CORA_CHECKPOINT"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 ORIGINAL_REPOSITORY = "https://github.com/tgxs002/CORA"
@@ -57,7 +68,9 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="CORA open-vocabulary detection on your images (writes annotated PNGs and detections.json)")
     p.add_argument("--input", nargs="+", default=None,
-                   help=f"image files, directories (their images, not recursive) and globs; default: {SAMPLES_DIR}")
+                   help="image files, directories (their images, not recursive) and globs; default: "
+                        f"{SAMPLES_DIR.relative_to(ROOT)}, or {TOY_SAMPLES_DIR.relative_to(ROOT)} for the bundled "
+                        "miniature model")
     p.add_argument("--output", default="outputs/demo",
                    help="folder for the annotated PNGs and detections.json (default %(default)s)")
     p.add_argument("--vocabulary", choices=("coco", "lvis", "custom"), default=None,
@@ -133,20 +146,25 @@ def collect_inputs(patterns: Sequence[str]) -> list[Path]:
     return unique
 
 
-def resolve_checkpoint(resume: str) -> Path:
+def resolve_checkpoint(resume: str, *, toy_allowed: bool = False) -> tuple[Path, bool]:
+    """The checkpoint to run and whether it is the bundled miniature model (only when `toy_allowed`: no
+    --input, no --dataset, and no CORA checkpoint given or found)."""
     if resume:
         path = Path(resume)
         if not path.is_file():
             raise DemoError(f"--resume {resume}: checkpoint file not found")
-        return path
+        return path, False
     default = Path(os.environ.get(CHECKPOINT_ENV) or DEFAULT_CHECKPOINT)
     if default.is_file():
-        return default
+        return default, False
+    if toy_allowed and CHECKPOINT_ENV not in os.environ and TOY_CHECKPOINT.is_file():
+        return TOY_CHECKPOINT, True
     links = "\n".join(f"    {name}: {url}" for name, url in PUBLISHED_CHECKPOINTS)
     raise DemoError(
         f"no CORA checkpoint: --resume was not given and the default checkpoint {default} does not exist "
         f"(${CHECKPOINT_ENV} overrides that path).\n"
-        f"cora does not ship a trained model yet; the published CORA checkpoints (COCO OVD) are linked from the "
+        f"cora bundles only a miniature model of toy shapes ({TOY_CHECKPOINT.relative_to(ROOT)}: `bash demo.sh` "
+        f"without --input shows it); for photos use a published CORA checkpoint (COCO OVD), linked from the "
         f"Model Zoo of {ORIGINAL_REPOSITORY} (README):\n{links}\n"
         f"Download one, then either save it as {default} or pass it:\n"
         f"    bash demo.sh --resume /path/to/checkpoint.pth [--input my.jpg --custom_vocabulary \"cat,remote control\"]"
@@ -323,7 +341,10 @@ def run(args) -> int:
     if args.dataset and (args.input or args.custom_vocabulary or args.vocabulary):
         raise DemoError("--dataset draws a split with its own categories: leave out --input and --vocabulary / "
                         "--custom_vocabulary")
-    checkpoint = resolve_checkpoint(args.resume)
+    checkpoint, toy = resolve_checkpoint(args.resume, toy_allowed=not (args.input or args.dataset))
+    if toy:
+        print(f"no CORA checkpoint given: the bundled miniature model {checkpoint.relative_to(ROOT)} on toy scenes "
+              f"(pass --resume for a published checkpoint and --input for your images)", flush=True)
     if args.dataset:
         if args.num_images < 1:
             raise DemoError(f"--num_images {args.num_images}: expected a positive number")
@@ -331,8 +352,13 @@ def run(args) -> int:
         vocabulary, category_ids, novel = list(dataset.category_list), list(dataset.label2catid.values()), None
         inputs = [dataset.img_folder / dataset.coco.imgs[dataset.ids[i]]["file_name"] for i in range(count)]
     else:
-        inputs = collect_inputs(args.input or [str(SAMPLES_DIR)])
-        vocabulary, category_ids, novel = choose_vocabulary(args)
+        inputs = collect_inputs(args.input or [str(TOY_SAMPLES_DIR if toy else SAMPLES_DIR)])
+        if toy and not (args.vocabulary or args.custom_vocabulary):
+            from tools.toy.world import CLASS_NAMES
+
+            vocabulary, category_ids, novel = list(CLASS_NAMES), list(range(1, len(CLASS_NAMES) + 1)), None
+        else:
+            vocabulary, category_ids, novel = choose_vocabulary(args)
 
     import numpy as np
 
@@ -346,8 +372,10 @@ def run(args) -> int:
 
     device = "cpu" if args.cpu else (args.device or None)
     started = time.time()
+    clip_archive = args.model_path or (TOY_CLIP if toy else None)
+    region_prompt = args.region_prompt_path or (TOY_PROMPT if toy else None)
     predictor = Predictor.from_checkpoint(
-        checkpoint, clip_archive=args.model_path or None, region_prompt=args.region_prompt_path or None,
+        checkpoint, clip_archive=clip_archive, region_prompt=region_prompt,
         device=device, cache_dir=args.text_cache_dir or None, disk_cache=not args.no_text_cache)
     print(f"model {checkpoint} on {predictor.device} ({time.time() - started:.1f} s); vocabulary: "
           f"{len(vocabulary)} classes ({', '.join(vocabulary[:6])}{', ...' if len(vocabulary) > 6 else ''}); "

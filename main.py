@@ -62,8 +62,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_queries", default=300, type=int)
     p.add_argument("--text_dim", default=1024, type=int, help="CLIP embedding size (RN50 1024, RN50x4 640)")
     p.add_argument("--condition_bottleneck", default=128, type=int, help="hidden size of text_proj")
-    p.add_argument("--anchor_pre_matching", action="store_true")
-    p.add_argument("--condition_on_text", action="store_true")
+    p.add_argument("--anchor_pre_matching", action="store_true",
+                   help="classify the anchors with CLIP before the decoder (the configs' setting); off: class-agnostic")
+    p.add_argument("--condition_on_text", action="store_true",
+                   help="content queries = projected text embedding of the pre-matched class; off: zeros")
     p.add_argument("--disable_init", action="store_true", help="no focal prior on the objectness bias")
     p.add_argument("--target_class_factor", default=1.0, type=float,
                    help="eval-only boost of novel-class probabilities in pre-matching (COCO-65 / LVIS lists)")
@@ -173,6 +175,9 @@ def run_evaluation(args, model, criterion, postprocessors, loader_val, dataset_v
 
 
 def main(args):
+    if args.split_class_p > 0 and not args.anchor_pre_matching:
+        raise ValueError(f"--split_class_p {args.split_class_p} needs --anchor_pre_matching: it splits the classes "
+                         "the anchors are pre-matched to")
     dist.init_distributed_mode(args)
     if args.no_model_ema:
         args.model_ema = False
@@ -200,7 +205,9 @@ def main(args):
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=False)
+            model, device_ids=[args.gpu] if device.type == "cuda" else None,
+            # text_proj only works on pre-matched, text-conditioned queries
+            find_unused_parameters=not (args.anchor_pre_matching and args.condition_on_text))
         model_without_ddp = model.module
     model_ema = None
     if args.model_ema:

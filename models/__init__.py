@@ -49,7 +49,8 @@ def args_for_weights(weights: dict[str, torch.Tensor], stored=None):
     stored `args` (an argparse.Namespace, if any), then what the tensors' shapes imply."""
     from main import get_args_parser
 
-    args = get_args_parser().parse_args([])
+    # the published method where the checkpoint does not say (a bare state dict): both are on in its configs
+    args = get_args_parser().parse_args(["--anchor_pre_matching", "--condition_on_text"])
     stored = vars(stored or argparse.Namespace())
     # only what defines the model; the stored run's device and paths (e.g. 'cuda') are not this run's
     for key in MODEL_ARGS:
@@ -90,6 +91,8 @@ def build_cora(args, arch: CLIPArchitecture, clip_state_dict: dict[str, torch.Te
         input_proj_groupnorm=args.epochs < 25,
         objectness_prior=not args.disable_init,
         target_class_factor=args.target_class_factor,
+        anchor_pre_matching=args.anchor_pre_matching,
+        condition_on_text=args.condition_on_text,
     )
 
 

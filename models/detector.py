@@ -11,7 +11,7 @@ from torch import nn
 from models.backbone import Joiner
 from models.clip import TextClassifier
 from models.mlp import MLP
-from models.prematch import novel_indices_for, prematch_anchors
+from models.prematch import PrematchResult, novel_indices_for, prematch_anchors
 from models.pruned_eval import PruneSpec, pruned_detection_logits
 from models.transformer import Transformer
 from util.box_ops import inverse_sigmoid
@@ -28,8 +28,14 @@ class CORA(nn.Module):
     def __init__(self, *, backbone: Joiner, transformer: Transformer, classifier: TextClassifier,
                  num_queries: int = 1000, text_dim: int = 1024, condition_bottleneck: int = 128,
                  input_proj_groupnorm: bool = False, objectness_prior: bool = False,
-                 target_class_factor: float = 1.0, eval_tau: float = 100.0):
+                 target_class_factor: float = 1.0, eval_tau: float = 100.0, anchor_pre_matching: bool = True,
+                 condition_on_text: bool = True):
         super().__init__()
+        # Both off: DAB-DETR's class-agnostic queries (anchors in their own order, zero content queries,
+        # matching without the class mask), the ablation of the paper's Table 3; region scores at eval
+        # are unchanged. The original's defaults are off; its configs turn both on.
+        self.anchor_pre_matching = anchor_pre_matching
+        self.condition_on_text = condition_on_text
         hidden_dim = transformer.d_model
         num_dec = transformer.num_decoder_layers
         self.backbone = backbone
@@ -76,7 +82,8 @@ class CORA(nn.Module):
 
         Returns `pred_boxes [B',Q,4]` cxcywh in 0..1 of each unpadded image, `pred_logits`
         (train: objectness `[B',Q,1]`; eval: inverse-sigmoid class scores `[B,Q,C]`),
-        `proposal_classes [B',Q]`, `anchor_index [B',Q]` (query_embed row of each query),
+        `proposal_classes [B',Q]` (only with anchor pre-matching), `anchor_index [B',Q]` (query_embed row
+        of each query),
         `aux_outputs` (earlier decoder layers, objectness logits). With `split_class`
         (training) B' = 2B: the classes are split at random in two halves, one per batch copy.
         novel_indices: classes boosted by `target_class_factor` at eval; defaults to COCO OVD's
@@ -85,13 +92,24 @@ class CORA(nn.Module):
         samples = self._as_nested(samples)
         features, pos = self.backbone(samples)
         text = self.classifier(categories)
-        split_mask = torch.rand_like(text[:, 0]) > 0.5 if split_class else None
-        boost = 1.0 if self.training else self.target_class_factor
-        if boost != 1.0 and novel_indices is None:
-            novel_indices = novel_indices_for(categories)
-        matched = prematch_anchors(self.query_embed.weight, features["layer4"], self.backbone.trunk.attn_pool, text,
-                                   boost_factor=boost, boost_indices=novel_indices, split_mask=split_mask)
-        content = self.text_proj(text)[matched.classes].transpose(0, 1)  # [Q,B',d]
+        anchors = self.query_embed.weight
+        if self.anchor_pre_matching:
+            split_mask = torch.rand_like(text[:, 0]) > 0.5 if split_class else None
+            boost = 1.0 if self.training else self.target_class_factor
+            if boost != 1.0 and novel_indices is None:
+                novel_indices = novel_indices_for(categories)
+            matched = prematch_anchors(anchors, features["layer4"], self.backbone.trunk.attn_pool, text,
+                                       boost_factor=boost, boost_indices=novel_indices, split_mask=split_mask)
+        else:
+            if split_class:
+                raise ValueError("split_class splits the classes of anchor pre-matching, which is off")
+            batch = samples.tensors.shape[0]
+            order = torch.arange(anchors.shape[0], device=anchors.device).expand(batch, -1)
+            matched = PrematchResult(classes=None, anchor_index=order, refpoints=anchors[:, None].expand(-1, batch, -1))
+        if self.condition_on_text and matched.classes is not None:
+            content = self.text_proj(text)[matched.classes].transpose(0, 1)  # [Q,B',d]
+        else:
+            content = matched.refpoints.new_zeros(*matched.refpoints.shape[:2], self.transformer.d_model)
         layer3 = features["layer3"]
         src = self.input_proj[0](layer3.tensors)
         hs, references, _ = self.transformer(src, layer3.mask, matched.refpoints, pos, content)
@@ -100,15 +118,14 @@ class CORA(nn.Module):
             for head, h, ref in zip(self.bbox_embed, hs, references)
         ])
         objectness = self.objectness_embed(hs)  # one head shared by all layers
+        classes = {} if matched.classes is None else {"proposal_classes": matched.classes}
         out = {
             "pred_logits": objectness[-1],
             "pred_boxes": boxes[-1],
-            "proposal_classes": matched.classes,
+            **classes,
             "anchor_index": matched.anchor_index,
-            "aux_outputs": [
-                {"pred_logits": o, "pred_boxes": b, "proposal_classes": matched.classes}
-                for o, b in zip(objectness[:-1], boxes[:-1])
-            ],
+            "aux_outputs": [{"pred_logits": o, "pred_boxes": b, **classes}
+                            for o, b in zip(objectness[:-1], boxes[:-1])],
         }
         if split_class:
             out["split_class"] = True

@@ -50,7 +50,7 @@ def novel_indices_for(categories: Sequence[str]) -> tuple[int, ...] | None:
 
 @dataclass
 class PrematchResult:
-    classes: torch.Tensor  # [B',Q] pre-matched class per output query (sorted ascending)
+    classes: torch.Tensor | None  # [B',Q] pre-matched class per output query (sorted ascending); None: no pre-matching
     anchor_index: torch.Tensor  # [B',Q] row of query_embed each output query came from
     refpoints: torch.Tensor  # [Q,B',4] reordered anchor logits (unsigmoided cxcywh), with grad
 

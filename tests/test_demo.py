@@ -48,15 +48,17 @@ def _run_demo_sh(args, env_extra, cwd):
 
 def test_demo_sh_without_checkpoint_says_what_is_missing(tmp_path):
     missing = tmp_path / "nowhere" / "cora_rn50.pth"
+    photo = os.path.join(ROOT, "assets", "samples", "chelsea.jpg")
+    # a checkpoint named by the variable but absent: an error, not the bundled toy model
     runs = [_run_demo_sh([], {demo.CHECKPOINT_ENV: str(missing)}, tmp_path)]
-    if not demo.DEFAULT_CHECKPOINT.exists():  # the shipped state: no argument, no variable, no file
-        runs.append(_run_demo_sh([], {}, tmp_path))
+    if not demo.DEFAULT_CHECKPOINT.exists():  # the shipped state: photos given, no argument, no variable, no file
+        runs.append(_run_demo_sh(["--input", photo], {}, tmp_path))
     for run, path in zip(runs, [missing, demo.DEFAULT_CHECKPOINT]):
         assert run.returncode != 0
         err = run.stderr
         assert f"the default checkpoint {path} does not exist" in err
         assert "github.com/tgxs002/CORA" in err and "drive.google.com" in err
-        assert "--resume /path/to/checkpoint.pth" in err
+        assert "--resume /path/to/checkpoint.pth" in err and "miniature model of toy shapes" in err
         assert not (tmp_path / "outputs").exists(), "nothing may be drawn without a model"
     wrong = _run_demo_sh(["--resume", str(tmp_path / "typo.pth")], {}, tmp_path)
     assert wrong.returncode != 0 and f"--resume {tmp_path / 'typo.pth'}: checkpoint file not found" in wrong.stderr

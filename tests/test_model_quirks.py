@@ -159,3 +159,50 @@ def test_target_class_factor_needs_a_known_vocabulary():
     pool, layer4, anchors, _ = _prematch_inputs(2)
     with pytest.raises(ValueError, match="target_class_factor"):
         prematch_anchors(anchors, layer4, pool, torch.randn(2, 4), boost_factor=8.0, boost_indices=None)
+
+
+def test_without_anchor_pre_matching_queries_are_class_agnostic():
+    """--anchor_pre_matching / --condition_on_text off (the original's defaults): anchors keep their order, content
+    queries are zeros, so the boxes and objectness do not depend on the vocabulary; only eval's region scores do."""
+    from models import build_model
+    from tests import golden
+
+    torch.manual_seed(0)
+    images = [torch.randn(3, 64, 96), torch.randn(3, 80, 64)]
+    vocabularies = (["cat", "dog"], ["a red star", "bicycle", "tree"])
+    model, _, _ = build_model(golden.model_args(anchor_pre_matching=False, condition_on_text=False))
+    with torch.no_grad():
+        torch.nn.init.normal_(model.text_proj.layers[-1].weight)  # a conditioning that would show if it were used
+        model.train()
+        train_outs = []
+        for vocabulary in vocabularies:
+            torch.manual_seed(1)  # the same dropout
+            train_outs.append(model(images, categories=vocabulary))
+        model.eval()
+        eval_outs = [model(images, categories=v) for v in vocabularies]
+    for out in train_outs + eval_outs:
+        assert "proposal_classes" not in out and all("proposal_classes" not in aux for aux in out["aux_outputs"])
+        assert torch.equal(out["anchor_index"], torch.arange(out["anchor_index"].shape[1]).expand(2, -1))
+    torch.testing.assert_close(train_outs[0]["pred_boxes"], train_outs[1]["pred_boxes"], rtol=0, atol=0)
+    torch.testing.assert_close(train_outs[0]["pred_logits"], train_outs[1]["pred_logits"], rtol=0, atol=0)
+    torch.testing.assert_close(eval_outs[0]["pred_boxes"], eval_outs[1]["pred_boxes"], rtol=0, atol=0)
+    assert eval_outs[0]["pred_logits"].shape[-1] == 2 and eval_outs[1]["pred_logits"].shape[-1] == 3
+    with pytest.raises(ValueError, match="split_class"):
+        model.train()
+        model(images, categories=vocabularies[0], split_class=True)
+
+    # the same weights with pre-matching: the vocabulary moves the boxes (anchors re-sorted, text-conditioned)
+    matched, _, _ = build_model(golden.model_args(target_class_factor=1.0))
+    matched.load_state_dict(model.state_dict())
+    matched.eval()
+    with torch.no_grad():
+        boxes = [matched(images, categories=v)["pred_boxes"] for v in vocabularies]
+    assert not torch.allclose(boxes[0], boxes[1])
+
+
+def test_split_class_without_pre_matching_is_refused_at_start(tmp_path):
+    import main as cora_main
+
+    args = cora_main.get_args_parser().parse_args(["--split_class_p", "0.2", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--split_class_p 0.2 needs --anchor_pre_matching"):
+        cora_main.main(args)

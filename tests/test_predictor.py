@@ -404,7 +404,7 @@ def test_image_scale_comes_from_the_stored_args(tmp_path, cache_dir):
         Image.open(COFFEE_SAMPLE).convert("RGB"), None)
     assert size == (400, 600) and tuple(tensor.shape[-2:]) == (256, 384)
     assert torch.equal(tensor, expected)
-    assert Predictor.from_checkpoint(path, cache_dir=cache_dir, image_scale=1.0).preprocess(COFFEE_SAMPLE)[0].shape[-2:] \
-        == (800, 1200)
+    unscaled = Predictor.from_checkpoint(path, cache_dir=cache_dir, image_scale=1.0)
+    assert unscaled.preprocess(COFFEE_SAMPLE)[0].shape[-2:] == (800, 1200)
     with pytest.raises(ValueError, match="image_scale"):
         Predictor(p.model, image_scale=0.0, disk_cache=False)

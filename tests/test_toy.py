@@ -162,16 +162,18 @@ def test_archive_round_trips_through_both_loaders(tmp_path):
         torch.testing.assert_close(classifier.encode_text(tokens), rounded.encode_text(tokens), rtol=1e-4, atol=1e-5)
 
 
-def test_short_clip_training_lowers_the_contrastive_loss():
+@pytest.mark.parametrize("region_pairs", [False, True])
+def test_short_clip_training_lowers_the_contrastive_loss(region_pairs):
     rng = np.random.default_rng(0)
-    crops, captions = [], []
+    crops, captions, regions = [], [], []
     for i in range(48):
         image, objects = world.render_crop(rng, resolution=64, name=world.CLASS_NAMES[i % 4], scene_probability=0)
         crops.append(image)
         captions.append(f"a {objects[0].name}")
+        regions.append([{"box": objects[0].box(), "caption": f"a {objects[0].colour} {objects[0].name}"}])
     images = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
     model, curve = train(images=images, captions=captions, cfg=TINY_CLIP, steps=40, batch_size=32, lr=2e-3,
-                         warmup=5, log_every=10)
+                         warmup=5, log_every=10, regions=regions if region_pairs else None)
     assert curve[-1]["loss"] < 0.8 * curve[0]["loss"], curve
     with torch.no_grad():
         image, text = model(normalise(images[:8]), model_tokens(captions[:8]))
@@ -184,3 +186,121 @@ def model_tokens(captions: list[str]) -> torch.Tensor:
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer()(captions, context_length=32)
+
+
+def _toy_config_argv(tmp_path: Path, **env: str) -> argparse.Namespace:
+    """main.py's arguments as `configs/toy/toy_*.sh` launches them (a stand-in torchrun records its argv)."""
+    import os
+    import shutil
+    import subprocess
+
+    from main import get_args_parser
+
+    root = Path(__file__).resolve().parents[1]
+    work = tmp_path / "repo"
+    if not work.exists():
+        shutil.copytree(root / "configs", work / "configs")
+        (work / "bin").mkdir()
+        (work / "bin" / "torchrun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGV_OUT"\n')
+        (work / "bin" / "torchrun").chmod(0o755)
+    out = tmp_path / "argv.txt"
+    environ = {**os.environ, "PATH": f"{work / 'bin'}:{os.environ['PATH']}", "ARGV_OUT": str(out), **env}
+    subprocess.run(["bash", "configs/toy/toy_dab_ovd_apm_splcls0.2_relabel.sh", "toy", "1", "local"], cwd=work,
+                   env=environ, check=True, capture_output=True)
+    argv = out.read_text().splitlines()
+    assert argv[:2] == ["--standalone", "--nproc_per_node=1"] and argv[2] == "main.py"
+    return get_args_parser().parse_args(argv[3:])
+
+
+def test_toy_config_and_its_ablation_switches(tmp_path):
+    args = _toy_config_argv(tmp_path)
+    assert (args.anchor_pre_matching, args.condition_on_text, args.remove_misclassified) == (True, True, True)
+    assert args.split_class_p == 0.2 and args.label_version == "RN50base" and args.backbone == "clip_toy"
+    assert args.coco_path == "data/toy" and args.output_dir == "logs/toy/toy_dab_ovd_apm_splcls0.2_relabel/toy"
+    agnostic = _toy_config_argv(tmp_path, apm="0")
+    assert (agnostic.anchor_pre_matching, agnostic.condition_on_text, agnostic.remove_misclassified) == (False,) * 3
+    assert agnostic.split_class_p == 0.0 and agnostic.label_version == "RN50base"
+    annotated = _toy_config_argv(tmp_path, label_version="", data_path="/elsewhere")
+    assert annotated.label_version == "" and annotated.anchor_pre_matching and annotated.coco_path == "/elsewhere"
+    changed = {k for k in vars(args) if getattr(args, k) != getattr(annotated, k)}
+    assert changed == {"label_version", "coco_path", "model_path"}
+
+
+def test_report_reads_finished_runs_and_builds_the_ablation_table(tmp_path):
+    from tools.toy import report
+
+    def stats(novel, base, ap50_all):
+        values = [0.0] * 16
+        values[1], values[12], values[13] = ap50_all, base, novel
+        return values
+
+    localizer = tmp_path / "localizer"
+    for exp, epochs, logged in (("toy", 2, 2), ("noapm", 3, 2)):
+        folder = localizer / exp
+        folder.mkdir(parents=True)
+        (folder / "run_20260101_000000.json").write_text(json.dumps({"args": {"epochs": epochs}}))
+        lines = [{"epoch": e, "test_coco_eval_bbox": stats(10.0 * (e + 1), 20.0 * (e + 1), 0.3 * (e + 1))}
+                 for e in range(logged)]
+        (folder / "log.txt").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert report.finished(localizer / "toy") and not report.finished(localizer / "noapm")
+    assert not report.finished(localizer / "annotated")
+    assert report.ap50(localizer / "toy") == {"novel": 20.0, "base": 40.0, "all": pytest.approx(60.0), "epoch": 1}
+    accuracy = tmp_path / "region_accuracy.json"
+    accuracy.write_text(json.dumps({"results": {"CLIP (no prompt)": {"base": 0.5, "novel": 0.25, "all": 0.4},
+                                                "region prompt": {"base": 0.75, "novel": None, "all": 0.6}}}))
+    times = tmp_path / "times.json"
+    report.record("clip", 700, times)
+    report.record("localizer", 80, times)
+    table = report.ablation_table(localizer=localizer, region_accuracy=accuracy, times=times).splitlines()
+    assert "| CLIP | 50.0 | 25.0 | 40.0 |" in table and "| CLIP + region prompt | 75.0 | - | 60.0 |" in table
+    assert f"| {report.VARIANTS[0][1]} | 20.0 | 40.0 | 60.0 |" in table
+    assert f"| {report.VARIANTS[2][1]} | - | - | - |" in table
+    assert table[-1].endswith("clip 700, localizer 80")
+
+
+def test_region_pairs_are_embedded_through_the_detectors_region_path():
+    """train_clip's region view (boxes in crop pixels) = models.region_head on the same weights (boxes as the
+    detector gives them: cxcywh normalised to the image); and boxes follow the flips and quarter turns."""
+    from tools.region_prompt import build_region_classifier
+    from tools.toy.train_clip import augment, embed_views
+    from util.nested_tensor import NestedTensor
+
+    torch.manual_seed(0)
+    model = ToyCLIP(TINY_CLIP).eval()
+    images = torch.randn(3, 3, 64, 64)
+    boxes = torch.tensor([[3.0, 5.0, 40.0, 33.0], [10.5, 0.0, 64.0, 64.0], [20.0, 22.0, 31.0, 30.0]])
+    with torch.no_grad():
+        image_emb, region_emb = embed_views(model, images, boxes)
+        torch.testing.assert_close(image_emb, model.encode_image(images), rtol=1e-5, atol=1e-6)
+        state = {f"visual.{k}": v for k, v in model.visual.state_dict().items()}
+        classifier = build_region_classifier(read_clip_arch(model), state).eval()
+        cxcywh = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], dim=1) / 64
+        samples = NestedTensor(images, torch.zeros(3, 64, 64, dtype=torch.bool))
+        expected = classifier(samples, [b[None] for b in cxcywh])
+    torch.testing.assert_close(F.normalize(region_emb, dim=-1), expected, rtol=1e-4, atol=1e-5)
+
+    generator = torch.Generator().manual_seed(3)
+    masks = torch.zeros(3, 1, 64, 64)
+    integer = boxes.floor()
+    for mask, (x0, y0, x1, y1) in zip(masks, integer.long().tolist()):
+        mask[0, y0:y1, x0:x1] = 1
+    for _ in range(8):
+        moved, moved_boxes = augment(masks, generator, integer)
+        for mask, box in zip(moved, moved_boxes):
+            ys, xs = torch.nonzero(mask[0], as_tuple=True)
+            assert box.tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+def read_clip_arch(model: ToyCLIP):
+    from models.clip import architecture_from_state_dict
+
+    return architecture_from_state_dict(model.state_dict(), source="ToyCLIP")
+
+
+def test_caption_records_carry_each_objects_box_and_caption(toy):
+    records = json.loads((toy / "clip" / "captions_train.json").read_text())["images"]
+    assert all(r["regions"] for r in records) and len(records) == SMALL["captions"]
+    for index, record in enumerate(records):
+        image, objects = world.render_crop(image_rng(0, "clip_train", index), resolution=SMALL["crop_resolution"])
+        assert [region["box"] for region in record["regions"]] == [o.box() for o in objects]
+        assert all(o.name in region["caption"] for o, region in zip(objects, record["regions"]))

@@ -9,8 +9,8 @@ Sections (each timing is the median of `--reps` repetitions after one warm-up):
 * eval: seconds per image of the detector's eval forward, full region scoring (`--no_prune_eval`:
   every query, in the same chunks) vs pruned (models/pruned_eval.py), alternating the two, with the
   fraction of queries scored and whether the detections are identical (labels, boxes, queries,
-  order, scores). Models: the toy-world localizer when tools/toy/run_all.sh has trained it (its val
-  images: a trained model's score distribution), the golden miniature (its weights, its two photos)
+  order, scores). Models: the bundled toy-world model (assets/toy, on its sample scenes: a trained
+  model's score distribution), the golden miniature (its weights, its two photos)
   and random-weight RN50 / RN50x4 (`build_cora` with the published configs' flags) at 480×640 and
   800×1216. Each but the toy also under
   "trained-like scores": a fixed per-query objectness offset N(−4, 2.5²) and class-separating text
@@ -42,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,33 +129,19 @@ def random_model(name: str, **overrides) -> tuple[nn.Module, argparse.Namespace]
     return build_cora(args, arch), args
 
 
-TOY_CHECKPOINT = ROOT / "logs" / "toy" / "toy_dab_ovd_apm_splcls0.2_relabel" / "toy" / "checkpoint.pth"
-
-
-def toy_case(checkpoint_path: Path, data_root: Path, images: int = 4):
-    """The toy-world localizer (tools/toy/run_all.sh) on its first val images, preprocessed as in its run
-    (val transform at the run's --image_scale): (model, samples, categories, sizes)."""
-    from datasets.coco import OVD_VAL_JSON, load_annotation_json
-    from datasets.transforms import make_coco_transforms
-    from models import args_for_weights, build_model
-    from util.checkpoint import load_checkpoint, load_model_state, pick_weights
+def toy_case():
+    """The bundled toy-world model (assets/toy, `bash demo.sh`'s default) on the bundled toy scenes, preprocessed
+    as its training run (val resize at its --image_scale): (model, samples, categories, sizes)."""
+    import demo
+    from models.predictor import Predictor
+    from tools.toy.world import CLASS_NAMES
     from util.nested_tensor import nested_tensor_from_tensor_list
 
-    checkpoint = load_checkpoint(checkpoint_path)
-    weights = pick_weights(checkpoint, use_ema=True)
-    stored = checkpoint.get("args")
-    model, _, _ = build_model(args_for_weights(weights, stored), checkpoint_weights=weights)
-    load_model_state(model, weights, strict=True)
-    val = load_annotation_json(data_root / "annotations" / OVD_VAL_JSON)
-    transform = make_coco_transforms("val", clip_normalisation=True,
-                                     image_scale=getattr(stored, "image_scale", 1.0))
-    tensors, sizes = [], []
-    for record in sorted(val["images"], key=lambda r: r["id"])[:images]:
-        image = Image.open(data_root / "val2017" / record["file_name"]).convert("RGB")
-        tensor, _ = transform(image, None)
-        tensors.append(tensor)
-        sizes.append([record["height"], record["width"]])
-    return model, nested_tensor_from_tensor_list(tensors), [c["name"] for c in val["categories"]], torch.tensor(sizes)
+    predictor = Predictor.from_checkpoint(demo.TOY_CHECKPOINT, clip_archive=demo.TOY_CLIP,
+                                          region_prompt=demo.TOY_PROMPT, device="cpu", disk_cache=False)
+    prepared = [predictor.preprocess(path) for path in sorted(demo.TOY_SAMPLES_DIR.iterdir())]
+    sizes = torch.tensor([list(tensor.shape[-2:]) for tensor, _ in prepared])  # no resize at 256 px: original size
+    return predictor.model, nested_tensor_from_tensor_list([t for t, _ in prepared]), list(CLASS_NAMES), sizes
 
 
 def golden_model() -> tuple[nn.Module, dict]:
@@ -233,7 +218,7 @@ def bench_eval_model(label: str, model: nn.Module, samples, categories, sizes, r
             "max_score_rel_diff": score_diff, "unit": "s/image"}
 
 
-def section_eval(quick: bool, reps: int, device, toy_checkpoint: Path, toy_data: Path) -> list[dict]:
+def section_eval(quick: bool, reps: int, device) -> list[dict]:
     from tests.tiny_coco import COCO_OVD_CATEGORIES
 
     rows = []
@@ -245,13 +230,9 @@ def section_eval(quick: bool, reps: int, device, toy_checkpoint: Path, toy_data:
     trained_like(model, len(inputs["eval_categories"]))
     rows.append(bench_eval_model("golden miniature, trained-like scores", model, samples, inputs["eval_categories"],
                                  sizes, reps, device))
-    if toy_checkpoint.is_file():
-        model, samples, toy_categories, sizes = toy_case(toy_checkpoint, toy_data)
-        rows.append(bench_eval_model(f"toy world localizer ({sizes.shape[0]} val images, "
-                                     f"Q={model.query_embed.weight.shape[0]})", model, samples, toy_categories,
-                                     sizes, reps, device))
-    else:
-        print(f"  eval: no toy checkpoint at {toy_checkpoint} (bash tools/toy/run_all.sh), skipped", flush=True)
+    model, samples, toy_categories, sizes = toy_case()
+    rows.append(bench_eval_model(f"toy world model ({sizes.shape[0]} scenes, Q={model.query_embed.weight.shape[0]})",
+                                 model, samples, toy_categories, sizes, reps, device))
     categories = [name for _, name, _ in COCO_OVD_CATEGORIES]
     plans = [("R50", (480, 640))] if quick else [("R50", (480, 640)), ("R50", (800, 1216)), ("R50x4", (480, 640)),
                                                   ("R50x4", (800, 1216))]
@@ -508,9 +489,6 @@ def main(argv: list[str] | None = None) -> dict:
                    help="device of the eval and train sections (matching runs on the CPU and CUDA if present)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="benchmark.json")
-    p.add_argument("--toy_checkpoint", type=Path, default=TOY_CHECKPOINT,
-                   help="toy-world localizer for the eval section (default: where tools/toy/run_all.sh writes it)")
-    p.add_argument("--toy_data", type=Path, default=ROOT / "data" / "toy", help="the toy world's dataset")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -525,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{name}]", flush=True)
         start = time.perf_counter()
         if name == "eval":
-            rows += section_eval(args.quick, reps, device, args.toy_checkpoint, args.toy_data)
+            rows += section_eval(args.quick, reps, device)
         elif name == "train":
             rows += section_train(args.quick, reps, device)
         elif name == "match":

@@ -9,7 +9,8 @@ Layout under `--out` (the one `--coco_path` with `--ovd` expects, plus the CLIP 
     annotations/instances_train2017_base.json       base boxes only, base categories (the training json)
     annotations/instances_train2017_all.json        every box (not used by the pipeline; oracle / inspection)
     annotations/instances_val2017_basetarget.json   every box, all 16 categories (evaluation)
-    clip/train/<6-digit>.jpg + clip/captions_train.json   image-text pairs naming every class, novel included
+    clip/train/<6-digit>.jpg + clip/captions_train.json   image-text pairs naming every class, novel included,
+                                                    and per object a box and its own caption (region-text pairs)
     clip/test/<6-digit>.jpg + clip/labels_test.json       held-out single-object crops (zero-shot accuracy)
     toy_world.json                                  what was generated (seed, counts, classes, resolution)
 
@@ -62,16 +63,19 @@ def _scene_job(args: tuple[int, str, int, int]) -> tuple[bytes, list[tuple[str, 
     return _jpeg(image), [(o.name, o.box(), int(o.mask.sum())) for o in objects]
 
 
-def _crop_job(args: tuple[int, str, int, int]) -> tuple[bytes, str, list[str]]:
+def _crop_job(args: tuple[int, str, int, int]) -> tuple[bytes, str, list[str], list[dict[str, Any]]]:
     seed, split, index, resolution = args
     rng = image_rng(seed, split, index)
     if split == "clip_test":
         # balanced: class by index, one object, no scene
         name = CLASS_NAMES[index % len(CLASS_NAMES)]
         image, objects = render_crop(rng, resolution=resolution, name=name)
-    else:
-        image, objects = render_crop(rng, resolution=resolution)
-    return _jpeg(image), caption_for(rng, objects), [o.name for o in objects]
+        return _jpeg(image), caption_for(rng, objects), [o.name for o in objects], []
+    image, objects = render_crop(rng, resolution=resolution)
+    caption = caption_for(rng, objects)
+    # one caption per object too, drawn after the image's: region-text pairs (tools/toy/train_clip.py)
+    regions = [{"box": o.box(), "caption": caption_for(rng, [o])} for o in objects]
+    return _jpeg(image), caption, [o.name for o in objects], regions
 
 
 def _map(fn, jobs: list, workers: int) -> Iterator:
@@ -116,10 +120,13 @@ def write_caption_split(out: Path, split: str, count: int, *, seed: int, resolut
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     jobs = [(seed, split, i, resolution) for i in range(count)]
-    for i, (jpeg, caption, names) in enumerate(_map(_crop_job, jobs, workers)):
+    for i, (jpeg, caption, names, regions) in enumerate(_map(_crop_job, jobs, workers)):
         file_name = f"{i:06d}.jpg"
         (folder / file_name).write_bytes(jpeg)
-        records.append({"file_name": file_name, "caption": caption, "names": names})
+        record = {"file_name": file_name, "caption": caption, "names": names}
+        if regions:
+            record["regions"] = regions
+        records.append(record)
     return records
 
 

@@ -8,34 +8,24 @@
 #   stage 5  localizer      configs/toy/toy_dab_ovd_apm_splcls0.2_relabel.sh (evaluates every epoch)
 #                                                                   -> logs/toy/<config>/toy/{checkpoint.pth,log.txt}
 #
-# Usage, from the repository root:   bash tools/toy/run_all.sh [NPROC]      (default 1 process per stage)
+# Usage, from the repository root:   bash tools/toy/run_all.sh [NPROC]   (default 2 processes per torchrun stage,
+# one thread each: 2 CPU cores; the CLIP stage is one process with 2 threads)
 # A stage is skipped when its output exists (stage 5: when log.txt records its last epoch). Wall times
 # go to logs/toy/run_all_times.json. Optional environment: data_path (default data/toy), WORLD_ARGS,
 # CLIP_ARGS, PROMPT_ARGS, RELABEL_ARGS, LOCALIZER_ARGS (extra flags of one stage).
 set -euo pipefail
 
-nproc=${1:-1}
+nproc=${1:-2}
 export data_path=${data_path:-data/toy}
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( nproc > 1 ? 1 : 2 ))}
 clip=$data_path/clip_toy.pt
 prompt=logs/region_prompt_toy.pth
 relabelled=$data_path/annotations/instances_train2017_base_RN50relabel.json
 localizer_config=configs/toy/toy_dab_ovd_apm_splcls0.2_relabel.sh
 localizer_dir=logs/toy/$(basename "$localizer_config" .sh)/toy
-times=logs/toy/run_all_times.json
-mkdir -p logs/toy
-[ -f "$times" ] || echo "{}" > "$times"
+times=logs/toy/run_all_times.json  # tools.toy.report record writes it
 
-record() {  # record STAGE SECONDS
-    python - "$times" "$1" "$2" <<'PY'
-import json, sys
-path, stage, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-data = json.load(open(path))
-data[stage] = seconds
-json.dump(data, open(path, "w"), indent=1)
-PY
-}
 
 run_stage() {  # run_stage NAME OUTPUT-TEST COMMAND...
     local name=$1 done_test=$2
@@ -51,21 +41,12 @@ run_stage() {  # run_stage NAME OUTPUT-TEST COMMAND...
         echo "tools/toy/run_all.sh: stage '$name' did not produce its output" >&2
         exit 1
     fi
-    record "$name" $((SECONDS - start))
+    python -m tools.toy.report record "$name" $((SECONDS - start))
     echo "   $((SECONDS - start)) s"
 }
 
 localizer_done() {
-    [ -f "$localizer_dir/log.txt" ] || return 1
-    python - "$localizer_dir" <<'PY'
-import glob, json, os, sys
-folder = sys.argv[1]
-runs = sorted(glob.glob(os.path.join(folder, "run_*.json")))
-lines = [line for line in open(os.path.join(folder, "log.txt")).read().splitlines() if line.strip()]
-if not runs or not lines:
-    sys.exit(1)
-sys.exit(0 if json.loads(lines[-1])["epoch"] + 1 >= json.load(open(runs[-1]))["args"]["epochs"] else 1)
-PY
+    python -m tools.toy.report finished "$localizer_dir"
 }
 
 # shellcheck disable=SC2086  # the *_ARGS strings are word-split on purpose
@@ -83,10 +64,4 @@ run_stage relabel "[ -f $relabelled ]" torchrun --standalone --nproc_per_node="$
 run_stage localizer localizer_done bash "$localizer_config" toy "$nproc" local ${LOCALIZER_ARGS:-}
 
 echo "== done; wall time per stage (s): $(tr -d '\n ' < "$times")"
-python - "$localizer_dir/log.txt" <<'PY'
-import json, sys
-last = json.loads(open(sys.argv[1]).read().splitlines()[-1])
-stats = last.get("test_coco_eval_bbox")
-if stats:
-    print(f"novel AP50 {stats[13]:.2f}  base AP50 {stats[12]:.2f}  all AP50 {100 * stats[1]:.2f}")
-PY
+python -m tools.toy.report summary "$localizer_dir"

@@ -1,6 +1,6 @@
 """Contrastive pretraining of the miniature CLIP on the toy image-text set, exported as an OpenAI archive.
 
-    python -m tools.toy.train_clip --data data/toy --out data/toy/clip_toy.pt          # ~12 min on 2 CPU cores
+    python -m tools.toy.train_clip --data data/toy --out data/toy/clip_toy.pt          # ~15 min on 2 CPU cores
     python -m tools.toy.train_clip --data data/toy --out data/toy/clip_toy.pt --eval_only
 
 Writes `--out` (OpenAI-format TorchScript, read by `models.clip.read_clip_archive` and
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.ops import roi_align
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -55,13 +56,50 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255 - mean) / std
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random flips and quarter turns: the world's shapes come at any angle, so labels never change."""
-    n = images.shape[0]
+def augment(images: torch.Tensor, generator: torch.Generator,
+            boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random flips and quarter turns: the world's shapes come at any angle, so labels never change.
+
+    images `[N, 3, R, R]`; boxes `[N, 4]` xyxy pixels (one per image) follow the same moves.
+    """
+    n, size = images.shape[0], images.shape[-1]
     flip = torch.rand(n, generator=generator) < 0.5
     images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
     k = int(torch.randint(4, (1,), generator=generator))
-    return torch.rot90(images, k, dims=(-2, -1)).contiguous()
+    images = torch.rot90(images, k, dims=(-2, -1)).contiguous()
+    if boxes is None:
+        return images, None
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    x0, x1 = torch.where(flip, size - x1, x0), torch.where(flip, size - x0, x1)
+    for _ in range(k):  # rot90 over (H, W) moves pixel (row r, col c) to (size - 1 - c, r)
+        x0, y0, x1, y1 = y0, size - x1, y1, size - x0
+    return images, torch.stack([x0, y0, x1, y1], dim=-1)
+
+
+def jitter_boxes(boxes: torch.Tensor, size: int, generator: torch.Generator, amount: float = 0.15) -> torch.Tensor:
+    """xyxy `[N, 4]` boxes with their sides scaled by up to e^±amount and centres moved by up to ±amount/2 of
+    a side: the detector classifies its own, inexact boxes."""
+    centre, side = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]
+    side = side * torch.exp((2 * torch.rand(side.shape, generator=generator) - 1) * amount)
+    centre = centre + (torch.rand(side.shape, generator=generator) - 0.5) * amount * side
+    return torch.cat([centre - side / 2, centre + side / 2], dim=-1).clamp(0, size)
+
+
+def embed_views(model: ToyCLIP, images: torch.Tensor, boxes: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Image embeddings `[N, D]` and, with `boxes` (`[N, 4]` xyxy pixels), region embeddings `[N, D]` through the
+    detector's region path (`models.region_head`): layer3 RoI-aligned to 2S x 2S, then layer4 and the attention
+    pool. One trunk pass serves both."""
+    visual = model.visual
+    layer3 = visual.layer3(visual.layer2(visual.layer1(visual.stem(images))))
+    image = visual.attnpool(visual.layer4(layer3))
+    if boxes is None:
+        return (image,)
+    grid = 2 * model.cfg.attnpool_grid
+    rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype)[:, None], boxes], dim=1)
+    stride = images.shape[-1] / layer3.shape[-1]
+    aligned = roi_align(layer3, rois, output_size=(grid, grid), spatial_scale=1 / stride, sampling_ratio=-1,
+                        aligned=True)
+    return image, visual.attnpool(visual.layer4(aligned))
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, caption_ids: torch.Tensor,
@@ -82,10 +120,27 @@ def _param_groups(model: ToyCLIP, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _region_table(regions: list[list[dict[str, Any]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Flatten per-image region lists: (first index `[N]`, count `[N]`, xyxy boxes `[M, 4]`, captions `[M]`)."""
+    counts = torch.tensor([len(r) for r in regions])
+    first = torch.cumsum(counts, 0) - counts
+    flat = [region for image_regions in regions for region in image_regions]
+    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["box"] for r in flat)],
+                         dtype=torch.float32).reshape(-1, 4)
+    return first, counts, boxes, [r["caption"] for r in flat]
+
+
 def train(*, images: torch.Tensor, captions: list[str], cfg: ToyCLIPConfig, steps: int, batch_size: int = 256,
           lr: float = 2e-3, weight_decay: float = 0.05, warmup: int = 30, seed: int = 0,
-          log_every: int = 25) -> tuple[ToyCLIP, list[dict[str, float]]]:
-    """Train a ToyCLIP from scratch; returns it (eval mode) and the logged `{'step', 'loss', 's'}` curve."""
+          log_every: int = 25,
+          regions: list[list[dict[str, Any]]] | None = None) -> tuple[ToyCLIP, list[dict[str, float]]]:
+    """Train a ToyCLIP from scratch; returns it (eval mode) and the logged `{'step', 'loss', 's'}` curve.
+
+    regions: per image, `{'box': [x, y, w, h], 'caption'}` of its objects. When given, every step also
+    pairs one jittered box per image, embedded through the detector's region path, with its own
+    caption (a second InfoNCE term of the same weight): CLIP learns what boxes of a scene look like,
+    as real CLIP learns it from the many crops of web data, which a 16-class world lacks.
+    """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = ToyCLIP(cfg)
@@ -93,6 +148,13 @@ def train(*, images: torch.Tensor, captions: list[str], cfg: ToyCLIPConfig, step
     tokens = tokenizer(captions, context_length=TRAIN_CONTEXT)
     _, caption_ids = np.unique(np.asarray(captions), return_inverse=True)
     caption_ids = torch.from_numpy(caption_ids.reshape(-1))
+    if regions is not None:
+        if len(regions) != len(captions):
+            raise ValueError(f"regions: {len(regions)} lists for {len(captions)} images")
+        first, counts, region_boxes, region_captions = _region_table(regions)
+        region_tokens = tokenizer(region_captions, context_length=TRAIN_CONTEXT)
+        _, region_ids = np.unique(np.asarray(region_captions), return_inverse=True)
+        region_ids = torch.from_numpy(region_ids.reshape(-1))
     optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
     curve, tic, running = [], time.time(), []
     model.train()
@@ -102,8 +164,22 @@ def train(*, images: torch.Tensor, captions: list[str], cfg: ToyCLIPConfig, step
         for group in optimizer.param_groups:
             group["lr"] = lr * scale
         idx = torch.randint(len(captions), (batch_size,), generator=generator)
-        image_emb, text_emb = model(normalise(augment(images[idx], generator)), tokens[idx])
-        loss = contrastive_loss(image_emb, text_emb, caption_ids[idx], model.logit_scale)
+        if regions is None:
+            batch, _ = augment(images[idx], generator)
+            image_emb, text_emb = model(normalise(batch), tokens[idx])
+            loss = contrastive_loss(image_emb, text_emb, caption_ids[idx], model.logit_scale)
+        else:
+            idx = idx[counts[idx] > 0]
+            pick = first[idx] + (torch.rand(len(idx), generator=generator) * counts[idx]).long()
+            batch, boxes = augment(images[idx], generator, region_boxes[pick])
+            boxes = jitter_boxes(boxes, batch.shape[-1], generator)
+            image_emb, region_emb = embed_views(model, normalise(batch), boxes)
+            text_emb = model.encode_text(torch.cat([tokens[idx], region_tokens[pick]]))
+            text_emb = F.normalize(text_emb, dim=-1)
+            loss = 0.5 * (contrastive_loss(F.normalize(image_emb, dim=-1), text_emb[:len(idx)], caption_ids[idx],
+                                           model.logit_scale)
+                          + contrastive_loss(F.normalize(region_emb, dim=-1), text_emb[len(idx):], region_ids[pick],
+                                             model.logit_scale))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -144,7 +220,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("toy CLIP", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/toy", type=str, help="output folder of tools.toy.make_dataset")
     p.add_argument("--out", default="data/toy/clip_toy.pt", type=str)
-    p.add_argument("--steps", default=800, type=int)
+    p.add_argument("--steps", default=700, type=int)
     p.add_argument("--batch_size", default=256, type=int)
     p.add_argument("--lr", default=3e-3, type=float)
     p.add_argument("--seed", default=0, type=int)
@@ -153,6 +229,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--text_width", default=64, type=int)
     p.add_argument("--text_layers", default=2, type=int)
     p.add_argument("--threads", default=2, type=int)
+    p.add_argument("--no_region_pairs", dest="region_pairs", action="store_false",
+                   help="image-text pairs only (no region-text term; the ablation of tools/toy/ablation.sh)")
     p.add_argument("--eval_only", action="store_true", help="only measure the zero-shot accuracy of --out")
     return p
 
@@ -176,14 +254,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tic = time.time()
     images = load_images(data / "clip" / "train", meta["images"])
     captions = [r["caption"] for r in meta["images"]]
+    regions = [r.get("regions", []) for r in meta["images"]] if args.region_pairs else None
     model, curve = train(images=images, captions=captions, cfg=cfg, steps=args.steps, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed)
+                         lr=args.lr, seed=args.seed, regions=regions)
     # the fp32 weights first: an export that fails must not cost the training
     torch.save({"config": cfg.to_dict(), "model": model.state_dict()}, Path(args.out).with_suffix(".fp32.pth"))
     export_archive(model, args.out)
     train_s = time.time() - tic
     accuracy = zero_shot_accuracy(args.out, data / "clip" / "test", test["images"])
     report = {"config": cfg.to_dict(), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+              "region_pairs": args.region_pairs,
               "seed": args.seed, "train_seconds": round(train_s, 1), "curve": curve, "zero_shot": accuracy,
               "archive_bytes": os.path.getsize(args.out)}
     report_path.write_text(json.dumps(report, indent=1))
