@@ -57,9 +57,16 @@ def _sha256(path: Path) -> str:
 
 def _git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        # "-dirty": the run's code was not all committed yet (its run_*.json records the same)
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                              text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _run_git_sha(run_dir: Path) -> str | None:
+    runs = sorted(run_dir.glob("run_*.json"))
+    return json.loads(runs[-1].read_text()).get("git_sha") if runs else None
 
 
 def bundle(*, run_dir: Path, clip: Path, prompt: Path, data: Path, out: Path, samples: int = 4) -> dict:
@@ -87,7 +94,8 @@ def bundle(*, run_dir: Path, clip: Path, prompt: Path, data: Path, out: Path, sa
     files = sorted([target, out / "clip_toy.pt", out / "region_prompt_toy.pth", *sample_dir.iterdir()])
     record = {
         "made_by": "bash tools/toy/run_all.sh && python -m tools.toy.bundle",
-        "git_sha": _git_sha(),
+        "git_sha": _git_sha(),  # of the bundling; the run's own is in its run_*.json
+        "run_git_sha": _run_git_sha(run_dir),
         "run": str(run_dir), "epoch": checkpoint.get("epoch"), "val_ap50": ap50(run_dir),
         "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
     }
