@@ -202,7 +202,9 @@ def test_accuracy_report(trained, coco):
     boxes = [a for a in val["annotations"] if not a["iscrowd"]]
     expected = {"base": sum(a["category_id"] not in novel_ids for a in boxes),
                 "novel": sum(a["category_id"] in novel_ids for a in boxes)}
-    for name in ("CLIP (no prompt)", "region prompt"):
+    names = ("CLIP (no prompt)", "region prompt")
+    assert set(report["results"]) == {*names, *(name + rp.PREMATCH_SUFFIX for name in names)}
+    for name in report["results"]:
         r = report["results"][name]
         assert r["boxes"]["base"] == expected["base"] and r["boxes"]["novel"] == expected["novel"]
         for split in ("base", "novel", "all"):

@@ -102,7 +102,8 @@ def test_shortened_pipeline_runs_every_stage(tmp_path):
     assert set(torch.load(view / "logs" / "region_prompt_toy.pth", weights_only=True)) == {
         "attnpool.positional_embedding"}
     accuracy = json.loads((view / "logs/toy/region_prompt_toy/toy/region_accuracy.json").read_text())
-    assert set(accuracy["results"]) == {"CLIP (no prompt)", "region prompt"}
+    assert set(accuracy["results"]) == {"CLIP (no prompt)", "region prompt", "CLIP (no prompt), pre-matching path",
+                                        "region prompt, pre-matching path"}
     relabelled = json.loads((world / "annotations" / "instances_train2017_base_RN50relabel.json").read_text())
     base = json.loads((world / "annotations" / "instances_train2017_base.json").read_text())
     assert [a["id"] for a in relabelled["annotations"]] == [a["id"] for a in base["annotations"]]

@@ -64,6 +64,7 @@ from models.clip import (  # noqa: E402
     resolve_archive_path,
     visual_state_dict,
 )
+from models.prematch import efficient_region_embeddings  # noqa: E402
 from models.region_head import region_embeddings  # noqa: E402
 from util import dist  # noqa: E402
 from util.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -130,6 +131,21 @@ class RegionClassifier(nn.Module):
                     break
         mask = F.interpolate(samples.mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
         return NestedTensor(x, mask)
+
+    def layer4(self, layer3: NestedTensor) -> NestedTensor:
+        """CLIP's layer4 on the whole layer3 map (what anchor pre-matching pools from) with its mask."""
+        with torch.no_grad():
+            x = self.trunk.layer4(layer3.tensors)
+        mask = F.interpolate(layer3.mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
+        return NestedTensor(x, mask)
+
+    def prematch_embed(self, layer4: NestedTensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`[sum N_i, D]` embeddings of boxes by anchor pre-matching's pooling on layer4
+        (`models.prematch.efficient_region_embeddings`), image by image (its boxes come `[B,N,4]`)."""
+        return torch.cat([
+            efficient_region_embeddings(self.trunk.attn_pool, NestedTensor(layer4.tensors[i:i + 1],
+                                                                           layer4.mask[i:i + 1]), b[None])[0]
+            for i, b in enumerate(boxes)])
 
     def embed(self, layer3: NestedTensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
         """`[sum N_i, D]` L2-normalised region embeddings; boxes per image `[N_i,4]` cxcywh normalised
@@ -311,22 +327,28 @@ def eval_loader(dataset, indices: Sequence[int], *, batch_size: int, num_workers
 # Region classification accuracy on ground-truth boxes
 
 
+PREMATCH_SUFFIX = ", pre-matching path"
+
+
 @torch.no_grad()
 def region_accuracy(model: RegionClassifier, loader, dataset: CocoDetection, text_features: torch.Tensor,
                     variants: dict[str, torch.Tensor], device: torch.device) -> dict[str, dict[str, Any]]:
     """Top-1 accuracy of the region classifier on every ground-truth box of `loader`, per variant.
 
     variants: name -> positional embedding to score with (e.g. CLIP's, the learned prompt). The
-    trunk runs once per batch; only the attention pool's embedding changes between variants. Boxes
-    are split by their category id into base / novel (`datasets.ovd_eval.ovd_split`: the json's own
-    `split` fields, else the COCO-OVD lists). Counts are summed over
-    processes. Returns `{variant: {'base', 'novel', 'all': accuracy or None, 'correct': {...},
-    'boxes': {...}}}`.
+    trunk runs once per batch; only the attention pool's embedding changes between variants. Each
+    variant is measured on two paths: the region path that scores the detector's boxes (layer3
+    RoIAlign -> layer4 -> attention pool; result `name`) and anchor pre-matching's pooling on layer4
+    (`models.prematch.efficient_region_embeddings`; result `name + PREMATCH_SUFFIX`). Boxes are split
+    by their category id into base / novel (`datasets.ovd_eval.ovd_split`: the json's own `split`
+    fields, else the COCO-OVD lists). Counts are summed over processes. Returns `{result: {'base',
+    'novel', 'all': accuracy or None, 'correct': {...}, 'boxes': {...}}}`.
     """
     model.eval()
     base, novel = ovd_split(dataset.coco.dataset["categories"])
+    names = [*variants, *(name + PREMATCH_SUFFIX for name in variants)]
     counts = {name: {"correct": {"base": 0, "novel": 0, "other": 0}, "boxes": {"base": 0, "novel": 0, "other": 0}}
-              for name in variants}
+              for name in names}
     logger = MetricLogger()
     for samples, targets in logger.log_every(loader, 10 if dist.get_world_size() == 1 else 100, "Accuracy:"):
         samples, targets = _to_device(samples, targets, device)
@@ -336,16 +358,20 @@ def region_accuracy(model: RegionClassifier, loader, dataset: CocoDetection, tex
         catids = [dataset.label2catid[int(label)] for label in labels]
         split = ["base" if c in base else "novel" if c in novel else "other" for c in catids]
         layer3 = model.layer3(samples)
+        layer4 = model.layer4(layer3)
+        boxes = [t["boxes"] for t in targets]
         for name, pe in variants.items():
             with prompt_swapped(model, pe.to(device)):
-                logits = region_logits(model.embed(layer3, [t["boxes"] for t in targets]), text_features)
-            hits = (logits.argmax(dim=-1).cpu() == labels).tolist()
-            for s, hit in zip(split, hits):
-                counts[name]["boxes"][s] += 1
-                counts[name]["correct"][s] += int(hit)
+                region = model.embed(layer3, boxes)
+                prematch = model.prematch_embed(layer4, boxes)
+            for result, embeddings in ((name, region), (name + PREMATCH_SUFFIX, prematch)):
+                hits = (region_logits(embeddings, text_features).argmax(dim=-1).cpu() == labels).tolist()
+                for s, hit in zip(split, hits):
+                    counts[result]["boxes"][s] += 1
+                    counts[result]["correct"][s] += int(hit)
     gathered = dist.all_gather(counts)
     out = {}
-    for name in variants:
+    for name in names:
         correct = {s: sum(g[name]["correct"][s] for g in gathered) for s in ("base", "novel", "other")}
         boxes = {s: sum(g[name]["boxes"][s] for g in gathered) for s in ("base", "novel", "other")}
         correct["all"], boxes["all"] = sum(correct.values()), sum(boxes.values())

@@ -69,7 +69,12 @@ def ablation_table(*, localizer: Path = LOCALIZER, region_accuracy: Path = REGIO
     lines = ["| region classification of val ground-truth boxes | base | novel | all |", "|---|---:|---:|---:|"]
     if region_accuracy.is_file():
         results = json.loads(region_accuracy.read_text())["results"]
-        for name, label in (("CLIP (no prompt)", "CLIP"), ("region prompt", "CLIP + region prompt")):
+        rows = (("CLIP (no prompt)", "CLIP"), ("region prompt", "CLIP + region prompt"),
+                ("CLIP (no prompt), pre-matching path", "CLIP, anchor pre-matching's pooling (layer4)"),
+                ("region prompt, pre-matching path", "CLIP + region prompt, anchor pre-matching's pooling"))
+        for name, label in rows:
+            if name not in results:  # a report written before the pre-matching rows existed
+                continue
             r = results[name]
             lines.append(f"| {label} | " + " | ".join(_fmt(None if r[s] is None else 100 * r[s])
                                                       for s in ("base", "novel", "all")) + " |")
