@@ -354,9 +354,9 @@ def run(args) -> int:
     else:
         inputs = collect_inputs(args.input or [str(TOY_SAMPLES_DIR if toy else SAMPLES_DIR)])
         if toy and not (args.vocabulary or args.custom_vocabulary):
-            from tools.toy.world import CLASS_NAMES
+            from tools.toy.world import CLASSES
 
-            vocabulary, category_ids, novel = list(CLASS_NAMES), list(range(1, len(CLASS_NAMES) + 1)), None
+            vocabulary, category_ids, novel = [c.name for c in CLASSES], [c.id for c in CLASSES], None
         else:
             vocabulary, category_ids, novel = choose_vocabulary(args)
 

@@ -11,6 +11,8 @@ class, measured through the project's own path: the archive read back, the froze
 
 Loss: CLIP's symmetric InfoNCE, except that pairs with identical captions count as positives of
 each other (16 classes make duplicates in every batch; as negatives they would contradict each other).
+Each step also pairs one jittered object box per image, embedded through the detector's region path,
+with the object's own caption (a second InfoNCE term, `train(regions=...)`; `--no_region_pairs` drops it).
 """
 from __future__ import annotations
 
@@ -230,7 +232,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--text_layers", default=2, type=int)
     p.add_argument("--threads", default=2, type=int)
     p.add_argument("--no_region_pairs", dest="region_pairs", action="store_false",
-                   help="image-text pairs only (no region-text term; the ablation of tools/toy/ablation.sh)")
+                   help="image-text pairs only, no region-text term (README: region accuracy falls to ~19%%)")
     p.add_argument("--eval_only", action="store_true", help="only measure the zero-shot accuracy of --out")
     return p
 
