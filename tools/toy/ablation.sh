@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The paper's ablations in miniature, on the toy world (README "CORA in miniature"):
 #   region classification accuracy of CLIP on val boxes without / with the region prompt (stage 3 of run_all.sh),
-#   localizer novel / base / all AP50: CORA, class-agnostic queries (apm=0), annotated labels (label_version=).
+#   localizer novel / base / all AP50: CORA, class-agnostic queries (apm=0), annotated labels (label_version=),
+#   CORA with twice the epochs (long12: the bundled model, `python -m tools.toy.bundle --run_dir <its dir>`).
 #
 # Usage, from the repository root:   bash tools/toy/ablation.sh
-# Runs tools/toy/run_all.sh first (each stage skipped when its output exists), then the two localizer
+# Runs tools/toy/run_all.sh first (each stage skipped when its output exists), then the three localizer
 # variants (each skipped when finished), and writes the table to logs/toy/ablation.md. Wall times of
 # every stage and variant are in logs/toy/run_all_times.json. LOCALIZER_ARGS applies to every variant.
 set -euo pipefail
@@ -15,8 +16,9 @@ config=configs/toy/toy_dab_ovd_apm_splcls0.2_relabel.sh
 
 bash tools/toy/run_all.sh
 
-variant() {  # variant EXP ENV-ASSIGNMENT
+variant() {  # variant EXP ENV-ASSIGNMENT [MAIN.PY FLAGS...]
     local exp=$1 setting=$2 dir
+    shift 2
     dir=logs/toy/$(basename "$config" .sh)/$exp
     echo "== localizer variant $exp ($setting)"
     if python -m tools.toy.report finished "$dir"; then
@@ -25,11 +27,13 @@ variant() {  # variant EXP ENV-ASSIGNMENT
     fi
     local start=$SECONDS
     # shellcheck disable=SC2086  # LOCALIZER_ARGS is word-split on purpose
-    env "$setting" bash "$config" "$exp" 2 local ${LOCALIZER_ARGS:-}
+    env "$setting" bash "$config" "$exp" 2 local "$@" ${LOCALIZER_ARGS:-}
     python -m tools.toy.report record "localizer_$exp" $((SECONDS - start))
     python -m tools.toy.report summary "$dir"
 }
 
 variant noapm apm=0
 variant annotated label_version=
+# twice the localizer's schedule (lr drop after epoch 10): the model bundled in assets/toy
+variant long12 apm=1 --epochs 12 --lr_drop 10
 python -m tools.toy.report ablation --out logs/toy/ablation.md

@@ -64,9 +64,11 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def _run_git_sha(run_dir: Path) -> str | None:
+def _run_info(run_dir: Path) -> dict:
+    """The localizer run's command line and commit (its latest `run_*.json`, written by main.py)."""
     runs = sorted(run_dir.glob("run_*.json"))
-    return json.loads(runs[-1].read_text()).get("git_sha") if runs else None
+    info = json.loads(runs[-1].read_text()) if runs else {}
+    return {"run_argv": info.get("argv"), "run_git_sha": info.get("git_sha")}
 
 
 def bundle(*, run_dir: Path, clip: Path, prompt: Path, data: Path, out: Path, samples: int = 4) -> dict:
@@ -93,9 +95,9 @@ def bundle(*, run_dir: Path, clip: Path, prompt: Path, data: Path, out: Path, sa
         shutil.copyfile(image, sample_dir / image.name)
     files = sorted([target, out / "clip_toy.pt", out / "region_prompt_toy.pth", *sample_dir.iterdir()])
     record = {
-        "made_by": "bash tools/toy/run_all.sh && python -m tools.toy.bundle",
-        "git_sha": _git_sha(),  # of the bundling; the run's own is in its run_*.json
-        "run_git_sha": _run_git_sha(run_dir),
+        "made_by": f"tools/toy/run_all.sh, then python -m tools.toy.bundle --run_dir {run_dir}",
+        "git_sha": _git_sha(),  # of the bundling
+        **_run_info(run_dir),
         "run": str(run_dir), "epoch": checkpoint.get("epoch"), "val_ap50": ap50(run_dir),
         "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
     }

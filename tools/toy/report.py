@@ -24,6 +24,7 @@ VARIANTS = (
     ("toy", "CORA: anchor pre-matching, region prompt, CLIP-aligned labels"),
     ("noapm", "class-agnostic queries (no anchor pre-matching)"),
     ("annotated", "annotated labels (no CLIP-aligned labelling)"),
+    ("long12", "CORA, 12 epochs instead of 6 (the bundled model)"),
 )
 
 
