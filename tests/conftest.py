@@ -1,5 +1,6 @@
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,3 +18,26 @@ torch.set_num_threads(2)
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+# Set by torchrun / slurm in the calling shell; a child launcher must not inherit them.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID")
+
+
+def launch_environ(**extra: str) -> dict[str, str]:
+    """This process's environment plus `extra`, without launcher variables, the repository on PYTHONPATH."""
+    env = dict(os.environ, PYTHONPATH=ROOT, **extra)
+    for name in LAUNCH_VARIABLES:
+        env.pop(name, None)
+    return env
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A working copy of the repository (symlinks) in which the configs write their relative `logs/`."""
+    view = tmp_path / "repo"
+    view.mkdir()
+    for item in Path(ROOT).iterdir():
+        if item.name not in {"logs", "outputs", "checkpoints", "data"}:
+            (view / item.name).symlink_to(item)
+    return view

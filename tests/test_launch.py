@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from tests import golden
+from tests.conftest import launch_environ
 from tests.tiny_coco import TRAIN_JSON, TRAIN_RELABEL_JSON, make_tiny_coco
 from util.checkpoint import load_checkpoint
 from util.dist import detect_dist_env, parse_first_host, port_from_job_id
@@ -75,22 +76,8 @@ def coco(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def repo(tmp_path):
-    """A working copy of the repository (symlinks) in which the configs write their relative `logs/`."""
-    view = tmp_path / "repo"
-    view.mkdir()
-    for item in ROOT.iterdir():
-        if item.name not in {"logs", "outputs", "checkpoints", "data"}:
-            (view / item.name).symlink_to(item)
-    return view
-
-
 def env_for(coco, **extra):
-    env = dict(os.environ, data_path=str(coco), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
-        env.pop(name, None)
-    return env
+    return launch_environ(data_path=str(coco), OMP_NUM_THREADS="1", **extra)
 
 
 def run_config(repo, coco, *argv, config=CONFIG, env=None, timeout=240):

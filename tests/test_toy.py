@@ -304,3 +304,53 @@ def test_caption_records_carry_each_objects_box_and_caption(toy):
         image, objects = world.render_crop(image_rng(0, "clip_train", index), resolution=SMALL["crop_resolution"])
         assert [region["box"] for region in record["regions"]] == [o.box() for o in objects]
         assert all(o.name in region["caption"] for o, region in zip(objects, record["regions"]))
+
+
+def test_bundle_keeps_the_ema_detector_without_clip_and_refuses_incomplete_runs(toy, tmp_path):
+    from tools.toy import bundle
+    from util.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ema = {"query_embed.weight": torch.randn(5, 4), "backbone.0.body.conv1.weight": torch.randn(2, 3, 1, 1),
+           "classifier.token_embedding.weight": torch.randn(3, 2), "objectness_embed.bias": torch.randn(1)}
+    args = argparse.Namespace(image_scale=0.32, epochs=1)
+    save_checkpoint({"model": {k: v + 1 for k, v in ema.items()}, "model_ema": ema, "args": args, "epoch": 0},
+                    run / "checkpoint.pth")
+    (run / "run_20260101_000000.json").write_text(json.dumps({"argv": ["main.py", "--epochs", "1"], "git_sha": "abc",
+                                                              "args": {"epochs": 1}}))
+    clip, prompt = tmp_path / "clip.pt", tmp_path / "prompt.pth"
+    clip.write_bytes(b"archive")
+    prompt.write_bytes(b"prompt")
+    out = tmp_path / "assets"
+    record = bundle.bundle(run_dir=run, clip=clip, prompt=prompt, data=toy, out=out, samples=2)
+
+    saved = load_checkpoint(out / "cora_toy.pth")
+    assert set(saved["model"]) == {"query_embed.weight", "objectness_embed.bias"}
+    assert all(torch.equal(saved["model"][k], ema[k]) for k in saved["model"])  # the EMA weights, not `model`
+    assert saved["args"] == args
+    assert (out / "clip_toy.pt").read_bytes() == b"archive"
+    assert (out / "region_prompt_toy.pth").read_bytes() == b"prompt"
+    val = json.loads((toy / "annotations" / "instances_val2017_basetarget.json").read_text())
+    split = {c["id"]: c["split"] for c in val["categories"]}
+    mixed = sorted({a["image_id"] for a in val["annotations"] if split[a["category_id"]] == "novel"}
+                   & {a["image_id"] for a in val["annotations"] if split[a["category_id"]] == "base"})[:2]
+    names = {i["id"]: i["file_name"] for i in val["images"]}
+    assert sorted(p.name for p in (out / "samples").iterdir()) == sorted(names[i] for i in mixed)
+    assert record["run_argv"] == ["main.py", "--epochs", "1"] and record["run_git_sha"] == "abc"
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["files"]["clip_toy.pt"]["sha256"] == hashlib.sha256(b"archive").hexdigest()
+
+    with pytest.raises(FileNotFoundError, match=r"checkpoint\.pth: localizer checkpoint not found"):
+        bundle.bundle(run_dir=tmp_path / "nowhere", clip=clip, prompt=prompt, data=toy, out=out)
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt: CLIP archive not found"):
+        bundle.bundle(run_dir=run, clip=tmp_path / "missing.pt", prompt=prompt, data=toy, out=out)
+    save_checkpoint({"model": ema, "model_ema": -1, "args": args}, run / "checkpoint.pth")
+    with pytest.raises(ValueError, match="no model_ema weights"):
+        bundle.bundle(run_dir=run, clip=clip, prompt=prompt, data=toy, out=out)
+
+
+def test_region_lists_must_match_the_images():
+    images = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="regions: 1 lists for 2 images"):
+        train(images=images, captions=["a star", "a ring"], cfg=TINY_CLIP, steps=1, regions=[[]])

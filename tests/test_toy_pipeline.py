@@ -22,6 +22,8 @@ import pytest
 import torch
 
 import demo
+from tests.conftest import launch_environ
+from tests.test_toy import _args
 from tools.toy.make_dataset import make_dataset
 from tools.toy.world import CLASS_NAMES
 
@@ -41,9 +43,7 @@ def test_bundled_model_finds_novel_classes_in_an_unseen_world(fresh_world, tmp_p
     from datasets.ovd_eval import CocoOVDEvaluator
     from models.predictor import Predictor
 
-    args = type("Args", (), dict(dataset_file="coco", coco_path=str(fresh_world), ovd=True, label_version="",
-                                 eval_target=False, backbone="clip_toy"))()
-    val = build_dataset("val", args)
+    val = build_dataset("val", _args(fresh_world))
     assert val.category_list == list(CLASS_NAMES)
     predictor = Predictor.from_checkpoint(demo.TOY_CHECKPOINT, clip_archive=demo.TOY_CLIP,
                                           region_prompt=demo.TOY_PROMPT, device="cpu", disk_cache=False)
@@ -80,19 +80,13 @@ def test_demo_sh_without_arguments_runs_the_bundled_model(tmp_path):
     assert all(r["score"] >= 0.2 and r["category_id"] == CLASS_NAMES.index(r["category_name"]) + 1 for r in rows)
 
 
-def test_shortened_pipeline_runs_every_stage(tmp_path):
-    view = tmp_path / "repo"
-    view.mkdir()
-    for item in ROOT.iterdir():
-        if item.name not in {"logs", "outputs", "checkpoints", "data"}:
-            (view / item.name).symlink_to(item)
-    env = dict(os.environ, data_path=str(tmp_path / "world"), OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT),
-               WORLD_ARGS="--train 24 --val 12 --captions 256 --test_per_class 2 --workers 1",
-               CLIP_ARGS="--steps 6 --batch_size 32",
-               PROMPT_ARGS="--epochs 1 --batch_size 4",
-               LOCALIZER_ARGS="--epochs 1 --eval_every_epoch 1 --batch_size 4 --num_queries 30")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
+def test_shortened_pipeline_runs_every_stage(repo, tmp_path):
+    view = repo
+    env = launch_environ(data_path=str(tmp_path / "world"), OMP_NUM_THREADS="2",
+                         WORLD_ARGS="--train 24 --val 12 --captions 256 --test_per_class 2 --workers 1",
+                         CLIP_ARGS="--steps 6 --batch_size 32",
+                         PROMPT_ARGS="--epochs 1 --batch_size 4",
+                         LOCALIZER_ARGS="--epochs 1 --eval_every_epoch 1 --batch_size 4 --num_queries 30")
     proc = subprocess.run(["bash", "tools/toy/run_all.sh"], cwd=view, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -132,13 +132,6 @@ class RegionClassifier(nn.Module):
         mask = F.interpolate(samples.mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
         return NestedTensor(x, mask)
 
-    def layer4(self, layer3: NestedTensor) -> NestedTensor:
-        """CLIP's layer4 on the whole layer3 map (what anchor pre-matching pools from) with its mask."""
-        with torch.no_grad():
-            x = self.trunk.layer4(layer3.tensors)
-        mask = F.interpolate(layer3.mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
-        return NestedTensor(x, mask)
-
     def prematch_embed(self, layer4: NestedTensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
         """`[sum N_i, D]` embeddings of boxes by anchor pre-matching's pooling on layer4
         (`models.prematch.efficient_region_embeddings`), image by image (its boxes come `[B,N,4]`)."""
@@ -357,8 +350,9 @@ def region_accuracy(model: RegionClassifier, loader, dataset: CocoDetection, tex
             continue
         catids = [dataset.label2catid[int(label)] for label in labels]
         split = ["base" if c in base else "novel" if c in novel else "other" for c in catids]
-        layer3 = model.layer3(samples)
-        layer4 = model.layer4(layer3)
+        # both maps as the detector computes them: pre-matching pools from the whole layer4 map
+        maps = model.trunk(samples)
+        layer3, layer4 = maps["layer3"], maps["layer4"]
         boxes = [t["boxes"] for t in targets]
         for name, pe in variants.items():
             with prompt_swapped(model, pe.to(device)):

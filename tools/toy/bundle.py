@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,10 +27,9 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from models.predictor import CLIP_PREFIXES  # noqa: E402
 from tools.toy.report import ap50  # noqa: E402
-from util.checkpoint import load_checkpoint  # noqa: E402
-
-CLIP_PREFIXES = ("backbone.0.", "classifier.")
+from util.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 
 def detector_only(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -82,9 +80,7 @@ def bundle(*, run_dir: Path, clip: Path, prompt: Path, data: Path, out: Path, sa
     out.mkdir(parents=True, exist_ok=True)
     weights = detector_only(checkpoint["model_ema"])
     target = out / "cora_toy.pth"
-    tmp = target.with_suffix(".tmp")
-    torch.save({"model": weights, "args": checkpoint["args"], "epoch": checkpoint.get("epoch")}, tmp)
-    os.replace(tmp, target)
+    save_checkpoint({"model": weights, "args": checkpoint["args"], "epoch": checkpoint.get("epoch")}, target)
     shutil.copyfile(clip, out / "clip_toy.pt")
     shutil.copyfile(prompt, out / "region_prompt_toy.pth")
     sample_dir = out / "samples"
