@@ -182,6 +182,27 @@ def test_short_clip_training_lowers_the_contrastive_loss(region_pairs):
     assert F.cosine_similarity(image, text).shape == (8,)
 
 
+def test_captions_naming_the_same_shapes_are_positives():
+    from tools.toy.train_clip import caption_key
+
+    assert caption_key("a photo of a red star and a blue heart.") == "star heart"
+    assert caption_key("a heart and a star") == "heart star"  # order is part of what a caption says
+    assert caption_key("a cropped photo of the purple pentagon.") == caption_key("pentagon") == "pentagon"
+    assert caption_key("a house") == "house" and caption_key("a ringed hourglass") == "hourglass"
+    assert caption_key("a red star", "captions") == "a red star"
+    with pytest.raises(ValueError, match="positives='labels'"):
+        caption_key("a star", "labels")
+    # the loss's targets: each row spreads its mass over the captions with its key
+    logits_scale = torch.tensor(0.0)
+    image = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), dim=-1)
+    ids = torch.tensor([0, 1, 0])
+    expected = 0.0
+    for row in (image @ image.t(), (image @ image.t()).t()):
+        log_p = F.log_softmax(row, dim=1)
+        expected += -0.5 * torch.stack([log_p[0, [0, 2]].mean(), log_p[1, 1], log_p[2, [0, 2]].mean()]).mean()
+    torch.testing.assert_close(contrastive_loss(image, image, ids, logits_scale), expected)
+
+
 def model_tokens(captions: list[str]) -> torch.Tensor:
     from open_clip.tokenizer import SimpleTokenizer
 
@@ -258,9 +279,10 @@ def test_report_reads_finished_runs_and_builds_the_ablation_table(tmp_path):
     assert table[-1].endswith("clip 700, localizer 80")
 
 
-def test_region_pairs_are_embedded_through_the_detectors_region_path():
-    """train_clip's region view (boxes in crop pixels) = models.region_head on the same weights (boxes as the
-    detector gives them: cxcywh normalised to the image); and boxes follow the flips and quarter turns."""
+def test_region_pairs_are_embedded_through_the_detectors_region_paths():
+    """train_clip's region views (boxes in crop pixels) = models.region_head and anchor pre-matching's pooling
+    on the same weights (boxes as the detector gives them: cxcywh normalised to the image); and boxes follow
+    the flips and quarter turns."""
     from tools.region_prompt import build_region_classifier
     from tools.toy.train_clip import augment, embed_views
     from util.nested_tensor import NestedTensor
@@ -270,14 +292,16 @@ def test_region_pairs_are_embedded_through_the_detectors_region_path():
     images = torch.randn(3, 3, 64, 64)
     boxes = torch.tensor([[3.0, 5.0, 40.0, 33.0], [10.5, 0.0, 64.0, 64.0], [20.0, 22.0, 31.0, 30.0]])
     with torch.no_grad():
-        image_emb, region_emb = embed_views(model, images, boxes)
+        image_emb, region_emb, prematch_emb = embed_views(model, images, boxes)
         torch.testing.assert_close(image_emb, model.encode_image(images), rtol=1e-5, atol=1e-6)
         state = {f"visual.{k}": v for k, v in model.visual.state_dict().items()}
         classifier = build_region_classifier(read_clip_arch(model), state).eval()
         cxcywh = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], dim=1) / 64
         samples = NestedTensor(images, torch.zeros(3, 64, 64, dtype=torch.bool))
         expected = classifier(samples, [b[None] for b in cxcywh])
+        expected_prematch = classifier.prematch_embed(classifier.trunk(samples)["layer4"], [b[None] for b in cxcywh])
     torch.testing.assert_close(F.normalize(region_emb, dim=-1), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(prematch_emb, expected_prematch, rtol=1e-4, atol=1e-5)
 
     generator = torch.Generator().manual_seed(3)
     masks = torch.zeros(3, 1, 64, 64)

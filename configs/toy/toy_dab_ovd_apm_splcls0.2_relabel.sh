@@ -22,8 +22,8 @@ args=" \
 --output_dir $work_dir \
 --batch_size 2 \
 --lr 1e-3 \
---epochs 6 \
---lr_drop 5 \
+--epochs 12 \
+--lr_drop 10 \
 --backbone clip_toy \
 --model_path $data_path/clip_toy.pt \
 --text_len 15 \
@@ -44,7 +44,7 @@ $method \
 --model_ema \
 --model_ema_decay 0.995 \
 --save_best \
---eval_every_epoch 3 \
+--eval_every_epoch 6 \
 --label_version '$label_version' \
 --disable_init \
 --target_class_factor 1 \

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The paper's ablations in miniature, on the toy world (README "CORA in miniature"):
 #   region classification accuracy of CLIP on val boxes without / with the region prompt (stage 3 of run_all.sh),
-#   localizer novel / base / all AP50: CORA, class-agnostic queries (apm=0), annotated labels (label_version=),
-#   CORA with twice the epochs (long12: the bundled model, `python -m tools.toy.bundle --run_dir <its dir>`).
+#   localizer novel / base / all AP50: CORA (run_all.sh's localizer, the bundled model), class-agnostic queries
+#   (apm=0), annotated labels (label_version=).
 #
 # Usage, from the repository root:   bash tools/toy/ablation.sh
-# Runs tools/toy/run_all.sh first (each stage skipped when its output exists), then the three localizer
+# Runs tools/toy/run_all.sh first (each stage skipped when its output exists), then the two localizer
 # variants (each skipped when finished), and writes the table to logs/toy/ablation.md. Wall times of
 # every stage and variant are in logs/toy/run_all_times.json. LOCALIZER_ARGS applies to every variant.
 set -euo pipefail
@@ -34,6 +34,4 @@ variant() {  # variant EXP ENV-ASSIGNMENT [MAIN.PY FLAGS...]
 
 variant noapm apm=0
 variant annotated label_version=
-# twice the localizer's schedule (lr drop after epoch 10): the model bundled in assets/toy
-variant long12 apm=1 --epochs 12 --lr_drop 10
 python -m tools.toy.report ablation --out logs/toy/ablation.md

@@ -21,10 +21,9 @@ REGION_ACCURACY = Path("logs/toy/region_prompt_toy/toy/region_accuracy.json")
 TIMES = Path("logs/toy/run_all_times.json")
 # (work dir under LOCALIZER, what differs from CORA) in the table's order; tools/toy/ablation.sh runs them
 VARIANTS = (
-    ("toy", "CORA: anchor pre-matching, region prompt, CLIP-aligned labels"),
+    ("toy", "CORA: anchor pre-matching, region prompt, CLIP-aligned labels (the bundled model)"),
     ("noapm", "class-agnostic queries (no anchor pre-matching)"),
     ("annotated", "annotated labels (no CLIP-aligned labelling)"),
-    ("long12", "CORA, 12 epochs instead of 6 (the bundled model)"),
 )
 
 

@@ -5,7 +5,7 @@
 #   stage 2  CLIP           python -m tools.toy.train_clip          -> $data_path/clip_toy.pt (+ .json report)
 #   stage 3  region prompt  configs/toy/region_prompt_toy.sh        -> logs/region_prompt_toy.pth
 #   stage 4  relabelling    tools/relabel.py                        -> $data_path/annotations/instances_train2017_base_RN50relabel.json
-#   stage 5  localizer      configs/toy/toy_dab_ovd_apm_splcls0.2_relabel.sh (evaluates after epochs 3 and 6)
+#   stage 5  localizer      configs/toy/toy_dab_ovd_apm_splcls0.2_relabel.sh (evaluates after epochs 6 and 12)
 #                                                                   -> logs/toy/<config>/toy/{checkpoint.pth,log.txt}
 #
 # Usage, from the repository root:   bash tools/toy/run_all.sh [NPROC]   (default 2 processes per torchrun stage,
