@@ -3,12 +3,13 @@
     python -m pytest -q tests/test_toy_pipeline.py
 
 * The shipped model (assets/toy, made by tools/toy/run_all.sh + tools.toy.bundle) detects on scenes of
-  a world it has never seen (200 scenes of seed 1; it was trained on seed 0) with novel-class AP50 far above chance,
+  a world it has never seen (200 scenes of seed 1; it was trained on seed 0) with novel AP50 >= 30 and base >= 50,
   through the same predictor `bash demo.sh` uses, scored by the project's COCO OVD evaluator.
 * `bash demo.sh` without arguments runs that model on the bundled toy scenes.
-* run_all.sh at a few seconds per stage: every stage runs through the project's own commands and
+* run_all.sh at toy-of-toy size (3 minutes): every stage runs through the project's own commands and
   configs, in order, and leaves its output (world, CLIP archive, region prompt, relabelled json,
-  localizer log with the 16 COCO OVD numbers); a second call skips every stage.
+  localizer log with the 16 COCO OVD numbers), its CLIP classifies crops and boxes far above chance;
+  a second call skips every stage.
 """
 from __future__ import annotations
 
@@ -57,10 +58,11 @@ def test_bundled_model_finds_novel_classes_in_an_unseen_world(fresh_world, tmp_p
     evaluator.accumulate()
     stats = evaluator.summarize()
     base_ap50, novel_ap50 = stats[12], stats[13]
-    # Chance is ~0 (a box of the right class within IoU 0.5 by luck). The bundled model scores novel 15.8 /
-    # base 33.9 here (17.7 / 38.0 on its own val set, assets/toy/provenance.json); the bounds are half of it.
-    assert novel_ap50 > 8, stats
-    assert base_ap50 > 17, stats
+    # Chance is ~0 (a box of the right class within IoU 0.5 by luck). The bounds are issue 6's targets for the
+    # bundled model; it scores novel 49.5 / base 72.7 here (53.6 / 78.4 on its own val set,
+    # assets/toy/provenance.json).
+    assert novel_ap50 >= 30, stats
+    assert base_ap50 >= 50, stats
 
 
 def test_demo_sh_without_arguments_runs_the_bundled_model(tmp_path):
@@ -82,22 +84,30 @@ def test_demo_sh_without_arguments_runs_the_bundled_model(tmp_path):
 
 def test_shortened_pipeline_runs_every_stage(repo, tmp_path):
     view = repo
-    env = launch_environ(data_path=str(tmp_path / "world"), OMP_NUM_THREADS="2",
-                         WORLD_ARGS="--train 24 --val 12 --captions 256 --test_per_class 2 --workers 1",
-                         CLIP_ARGS="--steps 6 --batch_size 32",
-                         PROMPT_ARGS="--epochs 1 --batch_size 4",
-                         LOCALIZER_ARGS="--epochs 1 --eval_every_epoch 1 --batch_size 4 --num_queries 30")
+    env = launch_environ(data_path=str(tmp_path / "world"),
+                         WORLD_ARGS="--train 300 --val 60 --captions 3000 --test_per_class 4 --workers 1",
+                         CLIP_ARGS="--steps 250",
+                         PROMPT_ARGS="--epochs 1",
+                         LOCALIZER_ARGS="--epochs 1 --eval_every_epoch 1 --num_queries 30")
     proc = subprocess.run(["bash", "tools/toy/run_all.sh"], cwd=view, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     world = tmp_path / "world"
     clip_report = json.loads((world / "clip_toy.json").read_text())
-    assert clip_report["steps"] == 6 and clip_report["region_pairs"] is True
+    assert clip_report["steps"] == 250 and clip_report["region_pairs"] is True
+    # 2 minutes of CLIP training already classify held-out crops and val boxes, novel ones included, far
+    # above chance (1/16); measured: crops 31%, boxes 32% (novel 23%). The localizer needs far more steps
+    # than CI can give (this world with 5 epochs, 4 minutes in all: novel AP50 0.2); the bundled model's
+    # test above guards detection accuracy.
+    chance = 1 / len(CLASS_NAMES)
+    assert clip_report["zero_shot"]["all"] > 2 * chance, clip_report["zero_shot"]
     assert set(torch.load(view / "logs" / "region_prompt_toy.pth", weights_only=True)) == {
         "attnpool.positional_embedding"}
     accuracy = json.loads((view / "logs/toy/region_prompt_toy/toy/region_accuracy.json").read_text())
     assert set(accuracy["results"]) == {"CLIP (no prompt)", "region prompt", "CLIP (no prompt), pre-matching path",
                                         "region prompt, pre-matching path"}
+    clip_boxes = accuracy["results"]["CLIP (no prompt)"]
+    assert clip_boxes["all"] > 2 * chance and clip_boxes["novel"] > 2 * chance, clip_boxes
     relabelled = json.loads((world / "annotations" / "instances_train2017_base_RN50relabel.json").read_text())
     base = json.loads((world / "annotations" / "instances_train2017_base.json").read_text())
     assert [a["id"] for a in relabelled["annotations"]] == [a["id"] for a in base["annotations"]]
