@@ -182,6 +182,22 @@ def test_short_clip_training_lowers_the_contrastive_loss(region_pairs):
     assert F.cosine_similarity(image, text).shape == (8,)
 
 
+def test_clip_training_is_reproducible_from_its_seed():
+    """Same seed, same weights (bfloat16 autocast included): the bundled CLIP is reproducible by run_all.sh."""
+    rng = np.random.default_rng(1)
+    crops, captions, regions = [], [], []
+    for i in range(16):
+        image, objects = world.render_crop(rng, resolution=64, name=world.CLASS_NAMES[i % 4], scene_probability=0)
+        crops.append(image)
+        captions.append(f"a {objects[0].name}")
+        regions.append([{"box": objects[0].box(), "caption": f"a {objects[0].name}"}])
+    images = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+    runs = [train(images=images, captions=captions, cfg=TINY_CLIP, steps=3, batch_size=8, warmup=1, seed=seed,
+                  regions=regions)[0].state_dict() for seed in (5, 5, 6)]
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
 def test_captions_naming_the_same_shapes_are_positives():
     from tools.toy.train_clip import caption_key
 
