@@ -162,16 +162,22 @@ def test_archive_round_trips_through_both_loaders(tmp_path):
         torch.testing.assert_close(classifier.encode_text(tokens), rounded.encode_text(tokens), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("region_pairs", [False, True])
-def test_short_clip_training_lowers_the_contrastive_loss(region_pairs):
-    rng = np.random.default_rng(0)
+def four_class_crops(seed: int, count: int) -> tuple[torch.Tensor, list[str], list[list[dict]]]:
+    """`count` 64 px single-object crops cycling through the first 4 classes: uint8 images `[N, 3, 64, 64]`,
+    captions ('a star') and per crop its region ({box, 'a red star'})."""
+    rng = np.random.default_rng(seed)
     crops, captions, regions = [], [], []
-    for i in range(48):
+    for i in range(count):
         image, objects = world.render_crop(rng, resolution=64, name=world.CLASS_NAMES[i % 4], scene_probability=0)
         crops.append(image)
         captions.append(f"a {objects[0].name}")
         regions.append([{"box": objects[0].box(), "caption": f"a {objects[0].colour} {objects[0].name}"}])
-    images = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous(), captions, regions
+
+
+@pytest.mark.parametrize("region_pairs", [False, True])
+def test_short_clip_training_lowers_the_contrastive_loss(region_pairs):
+    images, captions, regions = four_class_crops(0, 48)
     model, curve = train(images=images, captions=captions, cfg=TINY_CLIP, steps=40, batch_size=32, lr=2e-3,
                          warmup=5, log_every=10, regions=regions if region_pairs else None)
     assert curve[-1]["loss"] < 0.8 * curve[0]["loss"], curve
@@ -184,18 +190,19 @@ def test_short_clip_training_lowers_the_contrastive_loss(region_pairs):
 
 def test_clip_training_is_reproducible_from_its_seed():
     """Same seed, same weights (bfloat16 autocast included): the bundled CLIP is reproducible by run_all.sh."""
-    rng = np.random.default_rng(1)
-    crops, captions, regions = [], [], []
-    for i in range(16):
-        image, objects = world.render_crop(rng, resolution=64, name=world.CLASS_NAMES[i % 4], scene_probability=0)
-        crops.append(image)
-        captions.append(f"a {objects[0].name}")
-        regions.append([{"box": objects[0].box(), "caption": f"a {objects[0].name}"}])
-    images = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+    images, captions, regions = four_class_crops(1, 16)
     runs = [train(images=images, captions=captions, cfg=TINY_CLIP, steps=3, batch_size=8, warmup=1, seed=seed,
                   regions=regions)[0].state_dict() for seed in (5, 5, 6)]
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_clip_training_options_are_checked_before_it_starts():
+    images, captions, regions = four_class_crops(2, 2)
+    for bad, message in (({"precision": "fp16"}, "precision='fp16'"), ({"prematch_weight": -1.0}, "prematch_weight=-1"),
+                         ({"positives": "labels"}, "positives='labels'")):
+        with pytest.raises(ValueError, match=message):
+            train(images=images, captions=captions, cfg=TINY_CLIP, steps=1, batch_size=2, regions=regions, **bad)
 
 
 def test_captions_naming_the_same_shapes_are_positives():

@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ if __package__ in (None, ""):
 from models.predictor import CLIP_PREFIXES  # noqa: E402
 from tools.toy.report import ap50  # noqa: E402
 from util.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from util.run_info import git_sha  # noqa: E402
 
 
 def detector_only(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,15 +51,6 @@ def novel_samples(data: Path, count: int) -> list[Path]:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _git_sha() -> str:
-    try:
-        # "-dirty": the run's code was not all committed yet (its run_*.json records the same)
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _run_info(run_dir: Path) -> dict:
@@ -92,7 +83,7 @@ def bundle(*, run_dir: Path, clip: Path, prompt: Path, data: Path, out: Path, sa
     files = sorted([target, out / "clip_toy.pt", out / "region_prompt_toy.pth", *sample_dir.iterdir()])
     record = {
         "made_by": f"tools/toy/run_all.sh, then python -m tools.toy.bundle --run_dir {run_dir}",
-        "git_sha": _git_sha(),  # of the bundling
+        "git_sha": git_sha(),  # of the bundling ("-dirty": uncommitted changes)
         **_run_info(run_dir),
         "run": str(run_dir), "epoch": checkpoint.get("epoch"), "val_ap50": ap50(run_dir),
         "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},

@@ -49,6 +49,7 @@ from datasets.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
 from models.prematch import efficient_region_embeddings  # noqa: E402
 from tools.toy.clip_export import ToyCLIP, ToyCLIPConfig, export_archive  # noqa: E402
 from tools.toy.world import BASE_NAMES, CLASS_NAMES, NOVEL_NAMES  # noqa: E402
+from util.box_ops import box_xyxy_to_cxcywh  # noqa: E402
 from util.nested_tensor import NestedTensor  # noqa: E402
 
 TRAIN_CONTEXT = 32  # captions are < 20 tokens; the causal text tower makes this equal to 77 (ToyCLIP.encode_text)
@@ -136,7 +137,7 @@ def embed_views(model: ToyCLIP, images: torch.Tensor, boxes: torch.Tensor | None
                         sampling_ratio=-1, aligned=True)
     region = visual.attnpool(visual.layer4(aligned))
     size = torch.tensor(images.shape[-2:][::-1], dtype=boxes.dtype, device=boxes.device).repeat(2)
-    cxcywh = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], dim=1) / size
+    cxcywh = box_xyxy_to_cxcywh(boxes) / size
     unpadded = torch.zeros(layer4.shape[0], *layer4.shape[-2:], dtype=torch.bool, device=layer4.device)
     prematch = efficient_region_embeddings(visual.attnpool, NestedTensor(layer4, unpadded), cxcywh[:, None])[:, 0]
     return image, region, prematch
@@ -186,6 +187,8 @@ def train(*, images: torch.Tensor, captions: list[str], cfg: ToyCLIPConfig, step
     """
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision={precision!r}: expected 'bf16' or 'fp32'")
+    if prematch_weight < 0:
+        raise ValueError(f"prematch_weight={prematch_weight}: expected a weight >= 0")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = ToyCLIP(cfg).to(memory_format=torch.channels_last)
