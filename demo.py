@@ -26,42 +26,31 @@ original's demo.py does, and (`--show_gt`) their ground-truth boxes.
 from __future__ import annotations
 
 import argparse
-import colorsys
-import glob
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-SAMPLES_DIR = ROOT / "assets" / "samples"
-DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "cora_rn50.pth"
-# tools/toy/run_all.sh, then tools/toy/bundle.py: the localizer without CLIP, the toy CLIP archive, its region prompt
-TOY_CHECKPOINT = ROOT / "assets" / "toy" / "cora_toy.pth"
-TOY_CLIP = ROOT / "assets" / "toy" / "clip_toy.pt"
-TOY_PROMPT = ROOT / "assets" / "toy" / "region_prompt_toy.pth"
-TOY_SAMPLES_DIR = ROOT / "assets" / "toy" / "samples"
-CHECKPOINT_ENV = "CORA_CHECKPOINT"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-ORIGINAL_REPOSITORY = "https://github.com/tgxs002/CORA"
-# The original README's Model Zoo (COCO OVD, novel AP50).
-PUBLISHED_CHECKPOINTS = (
-    ("CLIP RN50, novel AP50 35.1", "https://drive.google.com/file/d/1lQmFrbfaZutlA72gi-VOAHOvGuHSYMbo/view"),
-    ("CLIP RN50x4, novel AP50 41.7", "https://drive.google.com/file/d/115osjVyv86vjG_b0W83vPQryXxdIDsv_/view"),
+from demo_inputs import (  # noqa: F401  (demo.DemoError, demo.TOY_CHECKPOINT, ... are the CLI's names)
+    CHECKPOINT_ENV,
+    DEFAULT_CHECKPOINT,
+    OVD_VAL_JSONS,
+    ROOT,
+    SAMPLES_DIR,
+    TOY_CHECKPOINT,
+    TOY_CLIP,
+    TOY_PROMPT,
+    TOY_SAMPLES_DIR,
+    DemoError,
+    choose_vocabulary,
+    collect_inputs,
+    detection_rows,
+    resolve_checkpoint,
+    toy_vocabulary,
 )
-# COCO category ids of the 65 COCO-OVD classes, in the order of models.prematch.COCO_OVD_CATEGORIES.
-COCO_OVD_CATEGORY_IDS = (
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34, 35, 36, 38,
-    41, 42, 44, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 59, 60, 61, 62, 63, 65, 70, 72, 73, 74, 75, 76, 78,
-    79, 80, 81, 82, 84, 85, 86, 87, 90,
-)
-OVD_VAL_JSONS = ("instances_val2017_basetarget.json", "instances_val2017.json")
-
-
-class DemoError(Exception):
-    """A problem with the command line or the files it names; printed without a traceback."""
+from util.visualize import PALETTE_SIZE, annotate, class_colour  # noqa: F401
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -76,7 +65,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocabulary", choices=("coco", "lvis", "custom"), default=None,
                    help="coco: the 65 COCO-OVD classes; lvis: the 1203 LVIS classes (needs --lvis_json); "
                         "custom: --custom_vocabulary. Default: custom when --custom_vocabulary is given, else coco")
-    p.add_argument("--custom_vocabulary", "--custom-vocabulary", default="",
+    p.add_argument("--custom_vocabulary", "--custom-vocabulary", default=None,
                    help='comma-separated class names or phrases, e.g. "cat,remote control"')
     p.add_argument("--lvis_json", "--lvis-json", default="",
                    help="an LVIS v1 annotation json (e.g. lvis_v1_val.json): category names and rare classes")
@@ -110,186 +99,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_images", "--num-images", type=int, default=50,
                    help="--dataset: how many images (default %(default)s)")
     p.add_argument("--show_gt", "--show-gt", action="store_true", help="--dataset: also draw ground-truth boxes")
+    p.add_argument("--serve", action="store_true",
+                   help="serve a web page for trying any vocabulary on any image (demo_web.py; needs gradio)")
+    p.add_argument("--port", type=int, default=7860, help="--serve: port (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="--serve: address to listen on (default %(default)s, this machine only; 0.0.0.0: all)")
     return p
-
-
-# ------------------------------------------------------------------ inputs, vocabulary, checkpoint
-def collect_inputs(patterns: Sequence[str]) -> list[Path]:
-    """Files as given (any extension), directories' image files (sorted) and glob matches (image files,
-    sorted), duplicates removed keeping the first."""
-    found: list[Path] = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir():
-            images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not images:
-                raise DemoError(f"--input {pattern}: the directory holds no image files "
-                                f"({', '.join(IMAGE_EXTENSIONS)})")
-            found.extend(images)
-        elif path.is_file():
-            found.append(path)
-        elif glob.has_magic(pattern):
-            matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True))
-            images = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS]
-            if not images:
-                raise DemoError(f"--input {pattern!r}: the pattern matches no image files "
-                                f"({len(matches)} matches in all)")
-            found.extend(images)
-        else:
-            raise DemoError(f"--input {pattern}: no such file or directory")
-    seen: set[Path] = set()
-    unique = []
-    for p in found:
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
-            unique.append(p)
-    return unique
-
-
-def resolve_checkpoint(resume: str, *, toy_allowed: bool = False) -> tuple[Path, bool]:
-    """The checkpoint to run and whether it is the bundled miniature model (only when `toy_allowed`: no
-    --input, no --dataset, and no CORA checkpoint given or found)."""
-    if resume:
-        path = Path(resume)
-        if not path.is_file():
-            raise DemoError(f"--resume {resume}: checkpoint file not found")
-        return path, False
-    default = Path(os.environ.get(CHECKPOINT_ENV) or DEFAULT_CHECKPOINT)
-    if default.is_file():
-        return default, False
-    if toy_allowed and CHECKPOINT_ENV not in os.environ and TOY_CHECKPOINT.is_file():
-        return TOY_CHECKPOINT, True
-    links = "\n".join(f"    {name}: {url}" for name, url in PUBLISHED_CHECKPOINTS)
-    raise DemoError(
-        f"no CORA checkpoint: --resume was not given and the default checkpoint {default} does not exist "
-        f"(${CHECKPOINT_ENV} overrides that path).\n"
-        f"cora bundles only a miniature model of toy shapes ({TOY_CHECKPOINT.relative_to(ROOT)}: `bash demo.sh` "
-        f"without --input shows it); for photos use a published CORA checkpoint (COCO OVD), linked from the "
-        f"Model Zoo of {ORIGINAL_REPOSITORY} (README):\n{links}\n"
-        f"Download one, then either save it as {default} or pass it:\n"
-        f"    bash demo.sh --resume /path/to/checkpoint.pth [--input my.jpg --custom_vocabulary \"cat,remote control\"]"
-    )
-
-
-def lvis_vocabulary(path: str) -> tuple[list[str], list[int], list[int]]:
-    """(names with '_' as spaces, sorted by id; category ids; indices of the rare classes)."""
-    if not path:
-        raise DemoError("--vocabulary lvis needs the LVIS v1 category list, which cora does not bundle: pass "
-                        "--lvis_json /path/to/lvis_v1_val.json (LVIS v1 annotations, https://www.lvisdataset.org)")
-    if not Path(path).is_file():
-        raise DemoError(f"--lvis_json {path}: file not found")
-    try:
-        with open(path) as f:
-            categories = json.load(f)["categories"]
-        categories = sorted(categories, key=lambda c: c["id"])
-        names = [c["name"].replace("_", " ") for c in categories]
-        ids = [int(c["id"]) for c in categories]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise DemoError(f"--lvis_json {path}: expected an LVIS json with 'categories' [{{'id', 'name', "
-                        f"'frequency'}}, ...] ({type(e).__name__}: {e})") from e
-    rare = [i for i, c in enumerate(categories) if c.get("frequency") == "r"]
-    return names, ids, rare
-
-
-def choose_vocabulary(args) -> tuple[list[str], list[int] | None, list[int] | None]:
-    """`(names, category ids or None, indices boosted by target_class_factor or None)`."""
-    from models.predictor import normalize_vocabulary
-    from models.prematch import COCO_OVD_CATEGORIES
-
-    kind = args.vocabulary or ("custom" if args.custom_vocabulary else "coco")
-    if args.custom_vocabulary and kind != "custom":
-        raise DemoError(f"--custom_vocabulary was given with --vocabulary {kind}; use one of them")
-    if kind == "coco":
-        return list(COCO_OVD_CATEGORIES), list(COCO_OVD_CATEGORY_IDS), None
-    if kind == "lvis":
-        names, ids, rare = lvis_vocabulary(args.lvis_json)
-        return names, ids, rare
-    if not args.custom_vocabulary.strip():
-        raise DemoError('--vocabulary custom needs --custom_vocabulary "name1,name2,..."')
-    try:
-        return list(normalize_vocabulary(args.custom_vocabulary.split(","))), None, None
-    except ValueError as e:
-        raise DemoError(f"--custom_vocabulary {args.custom_vocabulary!r}: {e}") from e
-
-
-# ------------------------------------------------------------------ drawing
-PALETTE_SIZE = 20
-
-
-def class_colour(index: int) -> tuple[int, int, int]:
-    """The colour of class `index`: a fixed palette of 20 (10 hues, bright then dark), consecutive
-    indices 7/10 of the hue circle apart; class i and i + 20 share a colour."""
-    k = index % PALETTE_SIZE
-    hue = ((k * 7) % 10) / 10
-    value = 0.95 if k < 10 else 0.6
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.8, value)
-    return round(r * 255), round(g * 255), round(b * 255)
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1 bundles a scalable font
-    except TypeError:
-        try:
-            return ImageFont.truetype("DejaVuSans.ttf", size)
-        except OSError:
-            return ImageFont.load_default()
-
-
-def drawing_sizes(width: int, height: int) -> tuple[int, int]:
-    """(box line width, label font size) for an image: readable when the image is shown at ~800 px."""
-    short = min(width, height)
-    return max(2, round(short / 250)), max(12, round(short / 32))
-
-
-def annotate(image, boxes, labels, names, scores, *, gt_boxes=None):
-    """Draw detections on a copy of an RGB PIL image.
-
-    boxes: `[K,4]` xyxy pixels; labels: class indices (colour); names, scores: the label text.
-    Lower scores are drawn first so the best detections stay on top; labels are kept inside the image.
-    Returns `(annotated image, regions)`, regions: per detection the `(x0, y0, x1, y1)` pixel rectangle
-    (inclusive) that contains everything drawn for it (box outline and label).
-    """
-    from PIL import ImageDraw
-
-    out = image.copy()
-    draw = ImageDraw.Draw(out)
-    width, height = out.size
-    line, font_size = drawing_sizes(width, height)
-    font = _font(font_size)
-    pad = max(1, font_size // 6)
-    if gt_boxes is not None:
-        for x0, y0, x1, y1 in gt_boxes:
-            r = [round(x0), round(y0), max(round(x0), round(x1)), max(round(y0), round(y1))]
-            draw.rectangle(r, outline=(0, 0, 0), width=3)
-            draw.rectangle(r, outline=(255, 255, 255), width=1)
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    placed = {}
-    for i in order:
-        x0, y0, x1, y1 = (round(float(v)) for v in boxes[i])
-        x0, y0 = min(max(x0, 0), width - 1), min(max(y0, 0), height - 1)
-        x1, y1 = min(max(x1, x0), width - 1), min(max(y1, y0), height - 1)
-        draw.rectangle([x0, y0, x1, y1], outline=class_colour(int(labels[i])), width=line)
-        placed[i] = (x0, y0, x1, y1)
-    regions = [None] * len(scores)
-    for i in order:
-        x0, y0, x1, y1 = placed[i]
-        text = f"{names[i]} {float(scores[i]):.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        w, h = right - left + 2 * pad, bottom - top + 2 * pad
-        # Above the box when there is room, else just inside its top edge; always inside the image.
-        ly = y0 - h if y0 - h >= 0 else y0
-        ly = max(0, min(ly, height - h))
-        lx = max(0, min(x0, width - w))
-        colour = class_colour(int(labels[i]))
-        draw.rectangle([lx, ly, lx + w - 1, ly + h - 1], fill=colour)
-        luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-        draw.text((lx + pad - left, ly + pad - top), text, font=font,
-                  fill=(0, 0, 0) if luminance > 150 else (255, 255, 255))
-        regions[i] = (min(x0, lx), min(y0, ly), max(x1, lx + w - 1), max(y1, ly + h - 1))
-    return out, regions
 
 
 # ------------------------------------------------------------------ running
@@ -300,19 +115,6 @@ def _unique_output(directory: Path, stem: str, taken: set[Path]) -> Path:
         candidate = directory / f"{stem}_{n}.png"
     taken.add(candidate.resolve())
     return candidate
-
-
-def _result_rows(dets, *, image_id, file_name, category_ids):
-    rows = []
-    for box, score, label, name in zip(dets.boxes.tolist(), dets.scores.tolist(), dets.labels.tolist(), dets.names):
-        x0, y0, x1, y1 = box
-        row = {"image_id": image_id, "file_name": file_name,
-               "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)],
-               "score": round(score, 6), "category_name": name}
-        if category_ids is not None:
-            row["category_id"] = category_ids[label]
-        rows.append(row)
-    return rows
 
 
 def _dataset_items(args):
@@ -333,12 +135,26 @@ def _dataset_items(args):
     return dataset, count
 
 
-def run(args) -> int:
+@dataclass
+class Job:
+    """What one demo run detects: its checkpoint, inputs and vocabulary (category ids / boosted classes when known)."""
+
+    checkpoint: Path
+    toy: bool
+    inputs: list[Path]
+    vocabulary: list[str]
+    category_ids: list[int] | None
+    novel: list[int] | None
+    dataset: object | None = None  # --dataset: the CocoDetection the inputs come from
+
+
+def plan(args) -> Job:
+    """Check the flags and resolve the checkpoint, the inputs and the vocabulary (nothing is loaded yet)."""
     if args.confidence_threshold < 0 or args.confidence_threshold > 1:
         raise DemoError(f"--confidence-threshold {args.confidence_threshold}: expected a value in [0, 1]")
     if args.max_detections < 1 or args.batch_size < 1:
         raise DemoError("--max-detections and --batch-size must be positive")
-    if args.dataset and (args.input or args.custom_vocabulary or args.vocabulary):
+    if args.dataset and (args.input or args.custom_vocabulary is not None or args.vocabulary):
         raise DemoError("--dataset draws a split with its own categories: leave out --input and --vocabulary / "
                         "--custom_vocabulary")
     checkpoint, toy = resolve_checkpoint(args.resume, toy_allowed=not (args.input or args.dataset))
@@ -349,99 +165,126 @@ def run(args) -> int:
         if args.num_images < 1:
             raise DemoError(f"--num_images {args.num_images}: expected a positive number")
         dataset, count = _dataset_items(args)
-        vocabulary, category_ids, novel = list(dataset.category_list), list(dataset.label2catid.values()), None
-        inputs = [dataset.img_folder / dataset.coco.imgs[dataset.ids[i]]["file_name"] for i in range(count)]
+        inputs = [dataset.image_path(dataset.ids[i]) for i in range(count)]
+        return Job(checkpoint, toy, inputs, list(dataset.category_list), list(dataset.label2catid.values()), None,
+                   dataset)
+    inputs = collect_inputs(args.input or [str(TOY_SAMPLES_DIR if toy else SAMPLES_DIR)])
+    if toy and not (args.vocabulary or args.custom_vocabulary is not None):
+        vocabulary, category_ids, novel = toy_vocabulary()
     else:
-        inputs = collect_inputs(args.input or [str(TOY_SAMPLES_DIR if toy else SAMPLES_DIR)])
-        if toy and not (args.vocabulary or args.custom_vocabulary):
-            from tools.toy.world import CLASSES
-
-            vocabulary, category_ids, novel = [c.name for c in CLASSES], [c.id for c in CLASSES], None
-        else:
-            vocabulary, category_ids, novel = choose_vocabulary(args)
-
-    import numpy as np
-
-    from models.predictor import Predictor, load_rgb, normalize_vocabulary
+        vocabulary, category_ids, novel = choose_vocabulary(args)
+    from models.predictor import normalize_vocabulary
 
     # Category ids and novel indices follow the list's order: the predictor must not merge or rename names.
     changed = [n for n in vocabulary if n not in normalize_vocabulary(vocabulary)]
     if changed or len(normalize_vocabulary(vocabulary)) != len(vocabulary):
         raise DemoError(f"the category names {changed or vocabulary} have extra whitespace or duplicates "
                         f"(ignoring case); the detector cannot keep them apart")
+    return Job(checkpoint, toy, inputs, vocabulary, category_ids, novel)
 
-    device = "cpu" if args.cpu else (args.device or None)
+
+def load_predictor(args, job: Job):
+    from models.predictor import Predictor
+
     started = time.time()
-    clip_archive = args.model_path or (TOY_CLIP if toy else None)
-    region_prompt = args.region_prompt_path or (TOY_PROMPT if toy else None)
     predictor = Predictor.from_checkpoint(
-        checkpoint, clip_archive=clip_archive, region_prompt=region_prompt,
-        device=device, cache_dir=args.text_cache_dir or None, disk_cache=not args.no_text_cache)
-    print(f"model {checkpoint} on {predictor.device} ({time.time() - started:.1f} s); vocabulary: "
-          f"{len(vocabulary)} classes ({', '.join(vocabulary[:6])}{', ...' if len(vocabulary) > 6 else ''}); "
-          f"{len(inputs)} image(s)", flush=True)
+        job.checkpoint, clip_archive=args.model_path or (TOY_CLIP if job.toy else None),
+        region_prompt=args.region_prompt_path or (TOY_PROMPT if job.toy else None),
+        device="cpu" if args.cpu else (args.device or None), cache_dir=args.text_cache_dir or None,
+        disk_cache=not args.no_text_cache)
+    names = job.vocabulary
+    print(f"model {job.checkpoint} on {predictor.device} ({time.time() - started:.1f} s); vocabulary: "
+          f"{len(names)} classes ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}); "
+          f"{len(job.inputs)} image(s)", flush=True)
+    return predictor
+
+
+def _skip(job: Job, index: int, error: Exception, failures: list[str]) -> None:
+    failures.append(str(job.inputs[index]))
+    print(f"[{index + 1}/{len(job.inputs)}] {job.inputs[index]}: skipped: {error}", file=sys.stderr, flush=True)
+
+
+def read_images(job: Job, indices: range, failures: list[str]) -> tuple[list[int], list]:
+    """The readable images of `indices` (RGB PIL, EXIF applied); unreadable ones are reported and skipped."""
+    from models.predictor import load_rgb
+
+    batch, images = [], []
+    for index in indices:
+        try:
+            if job.dataset is not None:  # the stored pixels: the frame of the annotations
+                image = job.dataset.load_image(job.dataset.ids[index])
+            else:
+                image = load_rgb(job.inputs[index])
+        except (OSError, ValueError) as e:
+            _skip(job, index, e, failures)
+            continue
+        batch.append(index)
+        images.append(image)
+    return batch, images
+
+
+def detect_images(predictor, job: Job, args, batch: list[int], images: list, failures: list[str]):
+    """Detections for a batch; an image the model cannot take (e.g. too thin) is found, skipped and reported,
+    the others kept. Returns the `(index, image, detections)` of every image detected."""
+    import numpy as np
+
+    kwargs = dict(score_threshold=args.confidence_threshold, max_detections=args.max_detections,
+                  novel_indices=job.novel)
+    try:
+        detections = predictor.predict([np.asarray(im) for im in images], job.vocabulary, batch_size=len(images),
+                                       **kwargs)
+        return list(zip(batch, images, detections))
+    except ValueError:
+        done = []
+        for index, image in zip(batch, images):
+            try:
+                done.append((index, image, predictor.predict(np.asarray(image), job.vocabulary, **kwargs)[0]))
+            except ValueError as e:
+                _skip(job, index, e, failures)
+        return done
+
+
+def ground_truth_boxes(job: Job, image_id: int) -> list[tuple[float, float, float, float]]:
+    anns = [a for a in job.dataset.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+    return [(x, y, x + w, y + h) for x, y, w, h in (a["bbox"] for a in anns)]
+
+
+def run(args) -> int:
+    if args.serve:
+        import demo_web
+
+        return demo_web.serve(args)
+    job = plan(args)
+    started = time.time()
+    predictor = load_predictor(args, job)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    taken = {p.resolve() for p in inputs}
+    taken = {p.resolve() for p in job.inputs}
     rows, failures = [], []
-    for start in range(0, len(inputs), args.batch_size):
-        batch, images = [], []
-        for index in range(start, min(start + args.batch_size, len(inputs))):
-            path = inputs[index]
-            try:
-                if args.dataset:
-                    image = dataset.load_image(dataset.ids[index])  # stored pixels: the frame of the annotations
-                else:
-                    image = load_rgb(path)
-            except (OSError, ValueError) as e:
-                failures.append(str(path))
-                print(f"[{index + 1}/{len(inputs)}] {path}: skipped: {e}", file=sys.stderr, flush=True)
-                continue
-            batch.append(index)
-            images.append(image)
+    for start in range(0, len(job.inputs), args.batch_size):
+        batch, images = read_images(job, range(start, min(start + args.batch_size, len(job.inputs))), failures)
         if not batch:
             continue
         t0 = time.time()
-        kwargs = dict(score_threshold=args.confidence_threshold, max_detections=args.max_detections,
-                      novel_indices=novel)
-        try:
-            detections = predictor.predict([np.asarray(im) for im in images], vocabulary,
-                                           batch_size=len(images), **kwargs)
-        except ValueError:
-            # An image the model cannot take (e.g. too thin): find it, skip it, keep the others.
-            detections = []
-            for index, image in list(zip(batch, images)):
-                try:
-                    detections.extend(predictor.predict(np.asarray(image), vocabulary, **kwargs))
-                except ValueError as e:
-                    failures.append(str(inputs[index]))
-                    print(f"[{index + 1}/{len(inputs)}] {inputs[index]}: skipped: {e}", file=sys.stderr, flush=True)
-                    images.pop(batch.index(index))
-                    batch.remove(index)
-        seconds = (time.time() - t0) / max(1, len(images))
-        for index, image, dets in zip(batch, images, detections):
-            path = inputs[index]
-            gt = None
-            image_id = index
-            if args.dataset:
-                image_id = dataset.ids[index]
-                if args.show_gt:
-                    anns = [a for a in dataset.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
-                    gt = [(x, y, x + w, y + h) for x, y, w, h in (a["bbox"] for a in anns)]
+        detected = detect_images(predictor, job, args, batch, images, failures)
+        seconds = (time.time() - t0) / max(1, len(detected))
+        for index, image, dets in detected:
+            path = job.inputs[index]
+            image_id = job.dataset.ids[index] if job.dataset is not None else index
+            gt = ground_truth_boxes(job, image_id) if job.dataset is not None and args.show_gt else None
             drawn, _ = annotate(image, dets.boxes, dets.labels.tolist(), dets.names, dets.scores.tolist(),
                                 gt_boxes=gt)
             target = _unique_output(output, path.stem, taken)
             drawn.save(target)
-            rows.extend(_result_rows(dets, image_id=image_id, file_name=str(path), category_ids=category_ids))
-            print(f"[{index + 1}/{len(inputs)}] {path}: {len(dets)} detection(s) >= {args.confidence_threshold} "
+            rows.extend(detection_rows(dets, image_id=image_id, file_name=str(path), category_ids=job.category_ids))
+            print(f"[{index + 1}/{len(job.inputs)}] {path}: {len(dets)} detection(s) >= {args.confidence_threshold} "
                   f"({seconds:.1f} s) -> {target}", flush=True)
     with open(output / "detections.json", "w") as f:
         f.write("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")  # one detection per line
-    done = len(inputs) - len(failures)
-    print(f"{done} image(s), {len(rows)} detection(s) -> {output / 'detections.json'} "
+    print(f"{len(job.inputs) - len(failures)} image(s), {len(rows)} detection(s) -> {output / 'detections.json'} "
           f"({time.time() - started:.1f} s)", flush=True)
     if failures:
-        print(f"demo.py: {len(failures)} of {len(inputs)} input(s) skipped: {', '.join(failures)}",
+        print(f"demo.py: {len(failures)} of {len(job.inputs)} input(s) skipped: {', '.join(failures)}",
               file=sys.stderr)
         return 1
     return 0

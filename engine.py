@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import copy
-import math
 import random
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
+from datasets.pseudo_boxes import PSEUDO_LABEL
 from models.criterion import class_agnostic_targets
+from models.inference import detect
+from models.prematch import NovelBoost
 from util import dist
 from util.logging import MetricLogger, SmoothedValue
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped: a loss term is inf/nan. The last checkpoint on disk is the last good one."""
+from util.run import check_finite, to_device
 
 
 def split_decision(iteration: int, p: float) -> bool:
@@ -31,8 +30,30 @@ def split_decision(iteration: int, p: float) -> bool:
     return draw < p
 
 
-def _to_device(targets: Sequence[dict], device: torch.device) -> list[dict]:
-    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+def with_pseudo_categories(categories: Sequence[str], targets: Sequence[dict]) -> tuple[list[str], list[dict]]:
+    """CORA+ (SPEC §2.2): the pseudo-box class names of the batch are appended to the category list and
+    each pseudo box (dataset label `PSEUDO_LABEL`, name in the target's `pseudo_labels`, in box order)
+    is labelled `len(categories) + position of its name`. A batch without pseudo boxes is returned as is.
+
+    The names are appended in sorted order; the original appends them in Python `set` order, which
+    changes with the interpreter's hash seed (per process and per run). Only the class indices differ:
+    a model's outputs for a name are the same wherever the name sits in the list.
+    """
+    names = sorted({name for t in targets for name in t.get("pseudo_labels", ())})
+    if not names:
+        return list(categories), list(targets)
+    position = {name: len(categories) + i for i, name in enumerate(names)}
+    relabelled = []
+    for t in targets:
+        pseudo = list(t.get("pseudo_labels", ()))
+        placeholder = t["labels"] == PSEUDO_LABEL
+        if int(placeholder.sum()) != len(pseudo):
+            raise ValueError(f"image {t.get('image_id')}: {int(placeholder.sum())} pseudo boxes but "
+                             f"{len(pseudo)} pseudo_labels")
+        labels = t["labels"].clone()
+        labels[placeholder] = torch.as_tensor([position[n] for n in pseudo], dtype=labels.dtype).to(labels.device)
+        relabelled.append({**t, "labels": labels})
+    return [*categories, *names], relabelled
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -47,12 +68,12 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     if dist.get_world_size() == 1:
         print_freq = min(print_freq, 10)
     for iteration, (samples, targets) in enumerate(logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]")):
-        samples = samples.to(device)
-        targets = _to_device(targets, device)
+        samples = samples.to(device, non_blocking=True)
+        used_categories, targets = with_pseudo_categories(categories, to_device(targets, device))
         split = split_decision(iteration, split_class_p)
         if split:
             targets = [copy.deepcopy(t) for t in targets] + [copy.deepcopy(t) for t in targets]
-        outputs = model(samples, categories=categories, split_class=split)
+        outputs = model(samples, used_categories, split_class=split)
         loss_dict = criterion(outputs, class_agnostic_targets(targets))
         weight_dict = criterion.weight_dict
         losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
@@ -61,10 +82,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         reduced_scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
         reduced_unscaled = {f"{k}_unscaled": v for k, v in reduced.items()}
         loss_value = sum(reduced_scaled.values()).item()
-        if not math.isfinite(loss_value):
-            bad = {k: v.item() for k, v in reduced.items() if not math.isfinite(v.item())}
-            raise NonFiniteLossError(f"epoch {epoch} iteration {iteration}: loss is {loss_value}; "
-                                     f"non-finite terms: {bad}. Training stopped; the last checkpoint is intact.")
+        check_finite(loss_value, reduced, where=f"epoch {epoch} iteration {iteration}")
 
         optimizer.zero_grad()
         losses.backward()
@@ -84,11 +102,16 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
 
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_loader: Iterable, evaluator,
-             device: torch.device, *, categories: Sequence[str], novel_indices: Sequence[int] | None = None,
+             device: torch.device, *, categories: Sequence[str], boost: NovelBoost | None = None, prune: bool = True,
              print_freq: int = 100) -> tuple[dict[str, float], object]:
-    """Detections for every val image into `evaluator`; returns the meters' averages with the metric
-    summary under `coco_eval_bbox` (COCO OVD: the 16 numbers; LVIS: a dict) and the evaluator.
-    The loss is logged as the original does, on class-agnostic targets."""
+    """Detections for every val image (`models.inference.detect`) into `evaluator`; returns the meters'
+    averages with the metric summary under `coco_eval_bbox` (COCO OVD: the 16 numbers; LVIS: a dict)
+    and the evaluator.
+
+    The logged losses are the training losses on the val set (class-agnostic targets, objectness
+    logits). The original logs the same criterion on its 65-class eval scores, where the objectness
+    "class" is read from class 0's score, a number without meaning.
+    """
     model.eval()
     criterion.eval()
     logger = MetricLogger()
@@ -96,18 +119,18 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_
     if dist.get_world_size() == 1:
         print_freq = min(print_freq, 10)
     for samples, targets in logger.log_every(data_loader, print_freq, "Test:"):
-        samples = samples.to(device)
-        targets = _to_device(targets, device)
-        outputs = model(samples, categories=categories, novel_indices=novel_indices)
-        loss_dict = criterion(outputs, class_agnostic_targets(targets))
+        samples = samples.to(device, non_blocking=True)
+        targets = to_device(targets, device)
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        detected = detect(model, samples, categories, postprocess=postprocessors["bbox"], target_sizes=orig_sizes,
+                          boost=boost, prune=prune)
+        loss_dict = criterion(detected.outputs, class_agnostic_targets(targets))
         weight_dict = criterion.weight_dict
         reduced = dist.reduce_dict(loss_dict)
         reduced_scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
         logger.update(loss=sum(reduced_scaled.values()).item(), **reduced_scaled,
                       **{f"{k}_unscaled": v for k, v in reduced.items()})
-        orig_sizes = torch.stack([t["orig_size"] for t in targets])
-        results = postprocessors["bbox"](outputs, orig_sizes)
-        evaluator.update({int(t["image_id"].item()): r for t, r in zip(targets, results)})
+        evaluator.update({int(t["image_id"].item()): r for t, r in zip(targets, detected.results)})
     logger.synchronize_between_processes()
     print("Averaged stats:", logger, flush=True)
     evaluator.synchronize_between_processes()

@@ -22,6 +22,7 @@ work_dir=${work_dir//.sh//$exp}
 mkdir -p "$work_dir"
 now=$(date +%Y%m%d_%H%M%S)
 data_path=${data_path:-data/coco}
+lvis_path=${lvis_path:-data/lvis}  # the LVIS configs' --lvis_path (lvis_v1_*.json, train2017/, val2017/)
 # so that the package's modules resolve when configs are run from the repository root
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
 

@@ -22,7 +22,10 @@ import torch.utils.data
 from PIL import Image
 from pycocotools.coco import COCO
 
+from datasets.coco_ovd import novel_indices_for
+from datasets.pseudo_boxes import PseudoBoxes, append_pseudo_boxes, finish_pseudo_boxes, load_pseudo_boxes
 from datasets.transforms import make_coco_transforms
+from util.image import to_rgb
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
 
@@ -75,12 +78,14 @@ def validate_detection_json(
     *,
     image_keys: Sequence[str],
     annotation_keys: Sequence[str],
-) -> None:
+) -> int:
     """Check every category, image and annotation once, so that no item fails later for a reason visible now.
 
     Checks: categories have an int `id` (unique) and a `name`; images have an `id` (unique) and
     `image_keys`; annotations have `id`, `image_id`, `bbox` (4 finite numbers), `category_id` (one of
     the json's categories) and `annotation_keys`. Raises ValueError naming the file and the offending id.
+    Returns the number of non-crowd boxes with a positive width and height (the ones training sees);
+    boxes without area are counted and reported once here (the dataset drops them, as the original).
     """
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or "name" not in cat:
@@ -105,6 +110,7 @@ def validate_detection_json(
         seen_images.add(img["id"])
 
     required = ("id", "image_id", "bbox", "category_id", *annotation_keys)
+    usable, no_area = 0, []
     for i, ann in enumerate(data["annotations"]):
         where = _describe_annotation(ann, i)
         if not isinstance(ann, dict):
@@ -128,6 +134,15 @@ def validate_detection_json(
                 f"annotation file {ann_file}: {where} has category_id {ann['category_id']!r}, "
                 f"which is not among the file's {len(known_categories)} categories"
             )
+        if ann.get("iscrowd", 0) == 0:
+            if bbox[2] > 0 and bbox[3] > 0:
+                usable += 1
+            else:
+                no_area.append(ann["id"])
+    if no_area:
+        print(f"annotation file {ann_file}: {len(no_area)} box(es) with zero or negative width or height are "
+              f"ignored (annotation ids {no_area[:10]}{' ...' if len(no_area) > 10 else ''})", flush=True)
+    return usable
 
 
 def category_maps(
@@ -157,11 +172,29 @@ def index_coco(data: dict[str, Any]) -> COCO:
     return coco
 
 
+def check_image_files(paths: Iterable[tuple[Any, Path]], ann_file: str | os.PathLike) -> None:
+    """Every image the json lists must exist: found now, not when its batch comes up mid-epoch.
+    `paths` holds `(image id, file path)`."""
+    missing = [(image_id, path) for image_id, path in paths if not path.is_file()]
+    if missing:
+        shown = ", ".join(f"{path} (image id {image_id})" for image_id, path in missing[:5])
+        raise FileNotFoundError(f"annotation file {ann_file}: {len(missing)} listed image file(s) not found: "
+                                f"{shown}{' ...' if len(missing) > 5 else ''}")
+
+
+def require_boxes(num_boxes: int, ann_file: str | os.PathLike) -> None:
+    """A training json must hold at least one usable box: without, the losses are 0 and nothing is learned."""
+    if num_boxes == 0:
+        raise ValueError(f"annotation file {ann_file}: no box to train on (every annotation is crowd or has no "
+                         f"area, or there is none); is this the right training json?")
+
+
 def load_rgb_image(path: str | os.PathLike, *, image_id: Any, ann_file: str | os.PathLike) -> Image.Image:
-    """Decode an image file once and convert it to RGB (grayscale, RGBA, palette, CMYK, ...)."""
+    """Decode an image file once and convert it to 8-bit RGB (grayscale, 16-bit grayscale, RGBA, palette, CMYK:
+    `util.image.to_rgb`)."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img, what=f"image file {path} (image id {image_id} of {ann_file})")
     except FileNotFoundError as e:
         raise FileNotFoundError(f"image file {path} not found (image id {image_id} of {ann_file})") from e
     except OSError as e:
@@ -207,7 +240,9 @@ class CocoDetection(torch.utils.data.Dataset):
 
     Attributes: `coco` (pycocotools COCO index of the json), `ids` (sorted image ids),
     `category_list` (names sorted by category id, given to the text classifier), `label2catid`,
-    `catid2label`. All annotations are validated when the dataset is built.
+    `catid2label`, `num_boxes` (usable boxes). All annotations are validated and every listed image
+    file is checked to exist when the dataset is built. `pseudo_boxes` (CORA+, `datasets.pseudo_boxes`):
+    per image id, boxes appended to the ground truth; targets then carry `pseudo_labels`.
     """
 
     def __init__(
@@ -216,25 +251,42 @@ class CocoDetection(torch.utils.data.Dataset):
         img_folder: str | os.PathLike,
         ann_file: str | os.PathLike,
         transforms: Callable[[Image.Image, dict], tuple[Any, dict]] | None = None,
+        pseudo_boxes: PseudoBoxes | None = None,
     ):
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
         self._transforms = transforms
         data = load_annotation_json(self.ann_file)
-        validate_detection_json(data, self.ann_file, image_keys=("file_name",), annotation_keys=())
+        self.num_boxes = validate_detection_json(data, self.ann_file, image_keys=("file_name",), annotation_keys=())
         try:
             self.category_list, self.label2catid, self.catid2label = category_maps(data["categories"])
         except ValueError as e:
             raise ValueError(f"annotation file {self.ann_file}: {e}") from e
         self.coco = index_coco(data)
         self.ids = sorted(self.coco.imgs.keys())
+        check_image_files(((i, self.image_path(i)) for i in self.ids), self.ann_file)
+        self.pseudo_boxes = pseudo_boxes
+
+    @property
+    def novel_indices(self) -> tuple[int, ...] | None:
+        """Labels of the novel classes (what `--target_class_factor` boosts): the categories the json
+        marks `"split": "novel"` (`datasets.ovd_eval.ovd_split`), else COCO-OVD's 17 when the list is its 65."""
+        from datasets.ovd_eval import ovd_split
+
+        cats = self.coco.dataset["categories"]
+        if any("split" in c for c in cats):
+            _, novel = ovd_split(cats)
+            return tuple(label for label, cat_id in self.label2catid.items() if cat_id in novel) or None
+        return novel_indices_for(self.category_list)
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def image_path(self, image_id: int) -> Path:
+        return self.img_folder / self.coco.imgs[image_id]["file_name"]
+
     def load_image(self, image_id: int) -> Image.Image:
-        path = self.img_folder / self.coco.imgs[image_id]["file_name"]
-        return load_rgb_image(path, image_id=image_id, ann_file=self.ann_file)
+        return load_rgb_image(self.image_path(image_id), image_id=image_id, ann_file=self.ann_file)
 
     def __getitem__(self, idx: int) -> tuple[Any, dict[str, Any]]:
         image_id = self.ids[idx]
@@ -247,8 +299,12 @@ class CocoDetection(torch.utils.data.Dataset):
             height=height,
             catid2label=self.catid2label,
         )
+        if self.pseudo_boxes is not None:
+            target = append_pseudo_boxes(target, self.pseudo_boxes.get(image_id, []), width, height)
         if self._transforms is not None:
             image, target = self._transforms(image, target)
+        if self.pseudo_boxes is not None:
+            target = finish_pseudo_boxes(target)
         return image, target
 
 
@@ -279,7 +335,8 @@ def build(image_set: str, args: Any) -> CocoDetection:
     """Dataset for `image_set` ('train' / 'val').
 
     Reads `args.coco_path`, `args.ovd`, `args.label_version`, `args.eval_target`, `args.backbone`
-    (a backbone name starting with 'clip' selects CLIP normalisation) and `args.image_scale` (optional).
+    (a backbone name starting with 'clip' selects CLIP normalisation), `args.image_scale` and, for the
+    train set, `args.pseudo_box` (CORA+ pseudo boxes, '' for none). A train set without any box is refused.
     """
     root = Path(args.coco_path)
     if not root.exists():
@@ -299,5 +356,10 @@ def build(image_set: str, args: Any) -> CocoDetection:
             f"annotation file {ann_file} for the {image_set} set (selected by {why}) not found"
         )
     transforms = make_coco_transforms(image_set, clip_normalisation=args.backbone.startswith("clip"),
-                                      image_scale=getattr(args, "image_scale", 1.0))
-    return CocoDetection(img_folder=img_folder, ann_file=ann_file, transforms=transforms)
+                                      image_scale=args.image_scale)
+    dataset = CocoDetection(img_folder=img_folder, ann_file=ann_file, transforms=transforms)
+    if image_set == "train":
+        require_boxes(dataset.num_boxes, ann_file)
+        if args.pseudo_box:
+            dataset.pseudo_boxes = load_pseudo_boxes(args.pseudo_box, dataset.ids)
+    return dataset

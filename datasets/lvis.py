@@ -23,17 +23,23 @@ from PIL import Image
 
 from datasets.coco import (
     category_maps,
+    check_image_files,
     index_coco,
     load_annotation_json,
     load_rgb_image,
+    require_boxes,
     validate_detection_json,
     xywh_annotations_to_xyxy,
 )
+from datasets.pseudo_boxes import PseudoBoxes, append_pseudo_boxes, finish_pseudo_boxes, load_pseudo_boxes
 from datasets.transforms import make_coco_transforms
 
 LVIS_TRAIN_JSON = "lvis_v1_train_norare.json"
-LVIS_TRAIN_RELABEL_JSON = "lvis_v1_train_norare_relabel.json"
 LVIS_VAL_JSON = "lvis_v1_val.json"
+# --label_version -> training json: the original knows '' and RN50x4base (its relabelled file); RN50base is
+# the RN50 CLIP-aligned labels (tools/relabel.py --dataset_file lvis --backbone clip_RN50), which it never had.
+LVIS_TRAIN_JSONS = {"": LVIS_TRAIN_JSON, "RN50base": "lvis_v1_train_norare_RN50relabel.json",
+                    "RN50x4base": "lvis_v1_train_norare_relabel.json"}
 LVIS_VAL_NORARE_JSON = "lvis_v1_val_norare.json"
 
 # Initial per-category image count, so that a category without images gets a finite frequency.
@@ -65,7 +71,8 @@ class LvisDetection(torch.utils.data.Dataset):
 
     Attributes: `coco` (pycocotools COCO index of the LVIS json), `ids`, `category_list` (names with
     `_` → space, sorted by category id), `label2catid`, `cat2label` (category id → rank, used with
-    `label_map`), and `rep_factors` (per-image weights, only with `repeat_factor_sampling`).
+    `label_map`), `num_boxes` (usable boxes), and `rep_factors` (per-image weights, only with
+    `repeat_factor_sampling`). `pseudo_boxes`: CORA+ boxes per image id (`datasets.pseudo_boxes`).
     """
 
     def __init__(
@@ -77,21 +84,26 @@ class LvisDetection(torch.utils.data.Dataset):
         label_map: bool = False,
         repeat_factor_sampling: bool = False,
         repeat_threshold: float = 0.001,
+        pseudo_boxes: PseudoBoxes | None = None,
     ):
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
         self._transforms = transforms
         self.label_map = label_map
         data = load_annotation_json(self.ann_file)
-        validate_detection_json(data, self.ann_file, image_keys=("coco_url",), annotation_keys=("area",))
+        self.num_boxes = validate_detection_json(data, self.ann_file, image_keys=("coco_url",),
+                                                 annotation_keys=("area",))
         try:
             self.category_list, self.label2catid, self.cat2label = category_maps(
                 data["categories"], rename=lambda name: name.replace("_", " ")
             )
+            self.catid2label = self.cat2label  # CocoDetection's name for it
         except ValueError as e:
             raise ValueError(f"annotation file {self.ann_file}: {e}") from e
         self.coco = index_coco(data)
         self.ids = sorted(self.coco.imgs.keys())
+        check_image_files(((i, self.image_path(i)) for i in self.ids), self.ann_file)
+        self.pseudo_boxes = pseudo_boxes
         self.rep_factors: list[float] | None = None
         if repeat_factor_sampling:
             self.rep_factors = repeat_factors(
@@ -103,9 +115,23 @@ class LvisDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def novel_indices(self) -> tuple[int, ...]:
+        """Labels (indices into `category_list`) of the rare classes, from the json's `frequency`: what
+        `--target_class_factor` boosts on LVIS (the original hard-codes LVIS v1's 337)."""
+        cats = self.coco.cats
+        missing = [c for c in self.label2catid.values() if cats[c].get("frequency") not in ("r", "c", "f")]
+        if missing:
+            raise ValueError(f"annotation file {self.ann_file}: categories {missing[:10]} have no 'frequency' "
+                             f"('r', 'c' or 'f'); LVIS's rare classes are read from it")
+        return tuple(label for label, c in self.label2catid.items() if cats[c]["frequency"] == "r")
+
     def image_path(self, image_id: int) -> Path:
         split_folder, file_name = self.coco.imgs[image_id]["coco_url"].split("/")[-2:]
         return self.img_folder / split_folder / file_name
+
+    def load_image(self, image_id: int) -> Image.Image:
+        return load_rgb_image(self.image_path(image_id), image_id=image_id, ann_file=self.ann_file)
 
     def _target(self, image_id: int, width: int, height: int) -> dict[str, torch.Tensor]:
         annotations = [a for a in self.coco.imgToAnns.get(image_id, []) if a.get("iscrowd", 0) == 0]
@@ -133,11 +159,15 @@ class LvisDetection(torch.utils.data.Dataset):
         # a recursion limit, and an error instead of endless search when no image has a box.
         for step in range(len(self)):
             image_id = self.ids[(idx + step) % len(self)]
-            image = load_rgb_image(self.image_path(image_id), image_id=image_id, ann_file=self.ann_file)
+            image = self.load_image(image_id)
             width, height = image.size
             target = self._target(image_id, width, height)
+            if self.pseudo_boxes is not None:
+                target = append_pseudo_boxes(target, self.pseudo_boxes.get(image_id, []), width, height)
             if self._transforms is not None:
                 image, target = self._transforms(image, target)
+            if self.pseudo_boxes is not None:
+                target = finish_pseudo_boxes(target)
             if len(target["labels"]) > 0:
                 return image, target
         raise RuntimeError(
@@ -205,7 +235,10 @@ class DistributedWeightedSampler(torch.utils.data.Sampler[int]):
 
 def lvis_annotation_file(root: Path, *, image_set: str, label_version: str, no_target_eval: bool) -> Path:
     if image_set == "train":
-        return root / (LVIS_TRAIN_RELABEL_JSON if label_version == "RN50x4base" else LVIS_TRAIN_JSON)
+        if label_version not in LVIS_TRAIN_JSONS:
+            raise ValueError(f"--label_version {label_version!r} with --dataset_file lvis: expected one of "
+                             f"{sorted(LVIS_TRAIN_JSONS)} (training jsons {LVIS_TRAIN_JSONS})")
+        return root / LVIS_TRAIN_JSONS[label_version]
     if image_set == "val":
         return root / (LVIS_VAL_NORARE_JSON if no_target_eval else LVIS_VAL_JSON)
     raise ValueError(f"unknown image_set {image_set!r}, expected 'train' or 'val'")
@@ -213,8 +246,8 @@ def lvis_annotation_file(root: Path, *, image_set: str, label_version: str, no_t
 
 def build(image_set: str, args: Any) -> LvisDetection:
     """LVIS dataset from `args.lvis_path` (jsons and image folders), `args.label_version`,
-    `args.no_target_eval`, `args.label_map`, `args.repeat_factor_sampling`, `args.repeat_threshold`
-    and `args.backbone`."""
+    `args.no_target_eval`, `args.label_map`, `args.repeat_factor_sampling`, `args.repeat_threshold`,
+    `args.backbone`, `args.image_scale` and (train) `args.pseudo_box`."""
     root = Path(args.lvis_path)
     if not root.exists():
         raise FileNotFoundError(f"--lvis_path {root!s} does not exist")
@@ -230,11 +263,17 @@ def build(image_set: str, args: Any) -> LvisDetection:
     # Quirk kept from the original: it passes `args.repeat_threshold and image_set == 'train'`, which
     # is the bool True (t = 1) for the train split whenever --repeat_threshold is non-zero.
     repeat_threshold = 1.0 if args.repeat_threshold else 0.0
-    return LvisDetection(
+    dataset = LvisDetection(
         img_folder=root,
         ann_file=ann_file,
-        transforms=make_coco_transforms(image_set, clip_normalisation=args.backbone.startswith("clip")),
+        transforms=make_coco_transforms(image_set, clip_normalisation=args.backbone.startswith("clip"),
+                                        image_scale=args.image_scale),
         label_map=args.label_map,
         repeat_factor_sampling=repeat_factor_sampling,
         repeat_threshold=repeat_threshold,
     )
+    if image_set == "train":
+        require_boxes(dataset.num_boxes, ann_file)
+        if args.pseudo_box:
+            dataset.pseudo_boxes = load_pseudo_boxes(args.pseudo_box, dataset.ids)
+    return dataset

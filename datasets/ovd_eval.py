@@ -39,15 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from datasets.coco_ovd import BASE_CATIDS, NOVEL_CATIDS
 from util import dist as dist_utils
 
-# COCO category ids of the OVD split (the original's `coco_eval.py`, in its order; SPEC §2.2).
-BASE_CATIDS: tuple[int, ...] = (
-    70, 2, 53, 7, 73, 57, 4, 79, 62, 74, 9, 38, 20, 19, 54, 85,
-    72, 27, 80, 51, 78, 15, 84, 55, 16, 59, 48, 34, 23, 86, 90, 50,
-    25, 31, 56, 82, 75, 42, 3, 65, 52, 60, 35, 1, 8, 44, 33, 24,
-)  # fmt: skip
-NOVEL_CATIDS: tuple[int, ...] = (28, 21, 47, 6, 76, 41, 18, 63, 32, 36, 81, 22, 61, 87, 5, 17, 49)
 OVD_SPLITS: tuple[str, ...] = ("base", "novel")
 
 
@@ -55,11 +49,16 @@ def ovd_split(categories: Iterable[Mapping[str, Any]]) -> tuple[frozenset[int], 
     """`(base category ids, novel category ids)` of a json's `categories`.
 
     A json whose categories carry `"split": "base" | "novel"` (e.g. the toy world's) defines its own
-    split; a category without the field is in neither group. Otherwise (COCO's OVD jsons, which have
-    no such field) the split is COCO's 48 / 17 by category id.
+    split; a category without the field is in neither group. An LVIS json (categories with
+    `frequency`) splits into base = common and frequent, novel = rare (the classes its open-vocabulary
+    setting removes from training). Otherwise (COCO's OVD jsons, which have neither field) the split
+    is COCO's 48 / 17 by category id.
     """
     categories = list(categories)
     if not any("split" in c for c in categories):
+        if categories and all("frequency" in c for c in categories):
+            return (frozenset(c["id"] for c in categories if c["frequency"] != "r"),
+                    frozenset(c["id"] for c in categories if c["frequency"] == "r"))
         return frozenset(BASE_CATIDS), frozenset(NOVEL_CATIDS)
     bad = [(c["id"], c["split"]) for c in categories if "split" in c and c["split"] not in OVD_SPLITS]
     if bad:
@@ -586,3 +585,21 @@ class LvisEvaluator:
             if self.verbose:
                 print(line)
         return dict(self.results)
+
+    def eval_state(self) -> dict[str, Any]:
+        """Accumulated arrays in plain types (for `torch.save`, as `CocoOVDEvaluator.eval_state`): precision
+        [T,R,K,A,M], recall [T,K,A,M] and the parameters that index them, with the summary."""
+        if self.lvis_eval is None:
+            raise RuntimeError("LvisEvaluator.eval_state: call accumulate() first")
+        e, p = self.lvis_eval.eval, self.lvis_eval.params
+        return {
+            "precision": np.asarray(e["precision"]),
+            "recall": np.asarray(e["recall"]),
+            "iouThrs": np.asarray(p.iouThrs),
+            "recThrs": np.asarray(p.recThrs),
+            "catIds": [int(c) for c in p.catIds],
+            "imgIds": [int(i) for i in p.imgIds],
+            "maxDets": list(p.maxDets),
+            "results": dict(self.results) if self.results is not None else None,
+        }
+

@@ -23,6 +23,7 @@ import torchvision.transforms.functional as F
 from PIL import Image
 
 from util.box_ops import box_xyxy_to_cxcywh
+from util.image import to_rgb
 
 Target = dict[str, Any]
 JointTransform = Callable[[Any, Any], tuple[Any, Any]]
@@ -197,10 +198,10 @@ class RandomSelect:
 
 
 class ToRGB:
-    """`image.convert("RGB")` (grayscale replicated, alpha dropped, palette/CMYK converted)."""
+    """`util.image.to_rgb` (grayscale replicated, 16-bit grayscale scaled, alpha dropped, palette/CMYK converted)."""
 
     def __call__(self, image: Image.Image, target: Target | None) -> tuple[Image.Image, Target | None]:
-        return image.convert("RGB"), target
+        return to_rgb(image), target
 
     def __repr__(self) -> str:
         return "ToRGB()"

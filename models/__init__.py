@@ -1,4 +1,4 @@
-"""`build_model(args) -> (model, criterion, postprocessors)`, the DETR-family entry point."""
+"""`build_model(cfg) -> (model, criterion, postprocessors)`, the DETR-family entry point."""
 from __future__ import annotations
 
 import argparse
@@ -7,111 +7,91 @@ import torch
 
 from models.backbone import build_backbone
 from models.clip import (
+    DETECTOR_CLIP_PREFIXES,
     CLIPArchitecture,
     architecture_from_state_dict,
     build_text_classifier,
     build_visual,
+    clip_state_dict_from_detector,
+    has_clip_weights,
     load_region_prompt,
     read_clip_archive,
     resolve_archive_path,
     visual_state_dict,
 )
+from models.config import ModelConfig
 from models.criterion import build_criterion
 from models.detector import CORA
 from models.matcher import build_matcher
 from models.postprocess import build_postprocessors
-from models.pruned_eval import PruneSpec
 from models.transformer import build_transformer
+from util.checkpoint import CheckpointError, load_model_state
+
+__all__ = ["ModelConfig", "build_cora", "build_model", "load_detector_weights"]
 
 
-def clip_state_dict_from_detector(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A CORA state dict's CLIP tensors under OpenAI's names (`visual.*`, text keys)."""
-    out = {}
-    for key, value in weights.items():
-        if key.startswith("backbone.0.body."):
-            out["visual." + key[len("backbone.0.body."):]] = value
-        elif key.startswith("backbone.0.attn_pool."):
-            out["visual.attnpool." + key[len("backbone.0.attn_pool."):]] = value
-        elif key.startswith("classifier."):
-            out[key[len("classifier."):]] = value
-    return out
-
-
-MODEL_ARGS = ("backbone", "text_len", "pe_temperature", "enc_layers", "dec_layers", "dim_feedforward", "hidden_dim",
-              "dropout", "nheads", "num_queries", "text_dim", "condition_bottleneck", "anchor_pre_matching",
-              "condition_on_text", "disable_init", "target_class_factor", "aux_loss", "remove_misclassified",
-              "set_cost_class", "set_cost_bbox", "set_cost_giou", "cls_loss_coef", "bbox_loss_coef",
-              "giou_loss_coef", "focal_alpha", "use_nms", "no_nms", "dataset_file", "epochs")
-
-
-def args_for_weights(weights: dict[str, torch.Tensor], stored=None):
-    """Arguments that build the model of a CORA state dict: main.py's defaults, then the checkpoint's
-    stored `args` (an argparse.Namespace, if any), then what the tensors' shapes imply."""
-    from main import get_args_parser
-
-    # the published method where the checkpoint does not say (a bare state dict): both are on in its configs
-    args = get_args_parser().parse_args(["--anchor_pre_matching", "--condition_on_text"])
-    stored = vars(stored or argparse.Namespace())
-    # only what defines the model; the stored run's device and paths (e.g. 'cuda') are not this run's
-    for key in MODEL_ARGS:
-        if key in stored:
-            setattr(args, key, stored[key])
-    arch = architecture_from_state_dict(clip_state_dict_from_detector(weights), source="checkpoint")
-    args.text_dim = arch.output_dim
-    args.num_queries = weights["query_embed.weight"].shape[0]
-    args.enc_layers = len({k.split(".")[3] for k in weights if k.startswith("transformer.encoder.layers.")})
-    args.dec_layers = len({k.split(".")[3] for k in weights if k.startswith("transformer.decoder.layers.")})
-    args.dim_feedforward = weights["transformer.encoder.layers.0.linear1.weight"].shape[0]
-    args.hidden_dim = weights["transformer.decoder.norm.weight"].shape[0]
-    args.condition_bottleneck = weights["text_proj.layers.0.weight"].shape[0]
-    args.epochs = 1 if any(k.startswith("input_proj.0.1.") for k in weights) else max(args.epochs, 25)
-    return args
-
-
-def build_cora(args, arch: CLIPArchitecture, clip_state_dict: dict[str, torch.Tensor] | None = None,
+def build_cora(cfg: ModelConfig, arch: CLIPArchitecture, clip_state_dict: dict[str, torch.Tensor] | None = None,
                region_prompt: dict[str, torch.Tensor] | None = None) -> CORA:
     """The detector for a CLIP architecture; CLIP weights from `clip_state_dict` (OpenAI names) if given,
     else random (the layout of the published configs, e.g. to check a checkpoint's keys)."""
-    if args.text_dim != arch.output_dim:
-        raise ValueError(f"--text_dim {args.text_dim} does not match the CLIP embedding size {arch.output_dim} "
-                         f"of --backbone {args.backbone}")
+    if cfg.text_dim != arch.output_dim:
+        raise ValueError(f"--text_dim {cfg.text_dim} does not match the CLIP embedding size {arch.output_dim} "
+                         f"of --backbone {cfg.backbone}")
     visual = build_visual(arch)
     if clip_state_dict is not None:
         weights = visual_state_dict(clip_state_dict)
         weights.update(region_prompt or {})
         visual.load_state_dict(weights, strict=True)
-    classifier = build_text_classifier(arch, args.text_len, clip_state_dict)
+    classifier = build_text_classifier(arch, cfg.text_len, clip_state_dict)
     return CORA(
-        backbone=build_backbone(visual, pe_temperature=args.pe_temperature, hidden_dim=args.hidden_dim),
-        transformer=build_transformer(args),
+        backbone=build_backbone(visual, pe_temperature=cfg.pe_temperature, hidden_dim=cfg.hidden_dim),
+        transformer=build_transformer(cfg),
         classifier=classifier,
-        num_queries=args.num_queries,
-        text_dim=args.text_dim,
-        condition_bottleneck=args.condition_bottleneck,
-        input_proj_groupnorm=args.epochs < 25,
-        objectness_prior=not args.disable_init,
-        target_class_factor=args.target_class_factor,
-        anchor_pre_matching=args.anchor_pre_matching,
-        condition_on_text=args.condition_on_text,
+        num_queries=cfg.num_queries,
+        text_dim=cfg.text_dim,
+        condition_bottleneck=cfg.condition_bottleneck,
+        input_proj_groupnorm=cfg.input_proj_groupnorm,
+        objectness_prior=cfg.objectness_prior,
+        anchor_pre_matching=cfg.anchor_pre_matching,
+        condition_on_text=cfg.condition_on_text,
     )
 
 
-def build_model(args, checkpoint_weights: dict[str, torch.Tensor] | None = None):
-    """Returns `(model, criterion, postprocessors)`.
+def build_model(cfg: ModelConfig | argparse.Namespace, checkpoint_weights: dict[str, torch.Tensor] | None = None):
+    """Returns `(model, criterion, postprocessors)` for a `ModelConfig` (or main.py's parsed args, read
+    through `ModelConfig.from_args`).
 
-    CLIP comes from the archive (`--model_path` or `~/.cache/clip/<name>.pt`) plus the region
-    prompt file; when `checkpoint_weights` (a full CORA state dict, e.g. from `--resume`) are given,
-    the architecture is read from them and neither file is opened: the checkpoint holds every weight.
+    CLIP comes from the archive (`cfg.model_path` or `~/.cache/clip/<name>.pt`) plus the region
+    prompt file; when `checkpoint_weights` (a full CORA state dict, e.g. from `--resume`) hold the CLIP
+    tensors, the architecture is read from them and neither file is opened: the checkpoint holds every
+    weight. The weights themselves are not loaded here (`util.checkpoint.load_model_state`).
     """
-    if checkpoint_weights is not None:
+    if not isinstance(cfg, ModelConfig):
+        cfg = ModelConfig.from_args(cfg)
+    if checkpoint_weights is not None and has_clip_weights(checkpoint_weights):
         clip_sd = clip_state_dict_from_detector(checkpoint_weights)
         arch = architecture_from_state_dict(clip_sd, source="checkpoint")
         prompt = None  # the checkpoint's attention pool already holds the region prompt
     else:
-        arch, clip_sd = read_clip_archive(resolve_archive_path(args.backbone, args.model_path))
-        prompt = load_region_prompt(args.region_prompt_path, arch) if args.region_prompt_path else None
-    model = build_cora(args, arch, clip_sd, prompt)
-    criterion = build_criterion(args, build_matcher(args))
-    postprocessors = build_postprocessors(args)
-    model.prune_eval = PruneSpec.for_postprocess(postprocessors["bbox"], prune=not args.no_prune_eval)
+        arch, clip_sd = read_clip_archive(resolve_archive_path(cfg.backbone, cfg.model_path))
+        prompt = load_region_prompt(cfg.region_prompt_path, arch) if cfg.region_prompt_path else None
+    model = build_cora(cfg, arch, clip_sd, prompt)
+    criterion = build_criterion(cfg, build_matcher(cfg))
+    postprocessors = build_postprocessors(cfg)
     return model, criterion, postprocessors
+
+
+def load_detector_weights(model: CORA, weights: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load a CORA state dict built by `build_model(cfg, checkpoint_weights=weights)`: strictly when it holds
+    CLIP's tensors; a detector-only one (no CLIP, e.g. the bundled toy model) must hold every tensor but
+    CLIP's, which came from the archive when the model was built."""
+    if has_clip_weights(weights):
+        load_model_state(model, weights, strict=True, source=source)
+        return
+    own = model.state_dict()
+    unexpected = [k for k in weights if k not in own]
+    missing = [k for k in own if k not in weights and not k.startswith(DETECTOR_CLIP_PREFIXES)]
+    if unexpected or missing:
+        raise CheckpointError(f"{source} does not fit the model built from it: missing {missing[:10]}, "
+                              f"unexpected {unexpected[:10]}")
+    load_model_state(model, weights, strict=False, source=source)

@@ -1,7 +1,7 @@
 """Exact linear assignment in plain torch, batched over many cost matrices (CPU and CUDA).
 
 `torch_assignment(costs)` is a drop-in `solver` for `HungarianMatcher` with the contract of
-`models.matcher.scipy_assignment`: per `[R_b, C_b]` matrix, `(row_indices, col_indices)` of a
+`scipy_assignment` (below): per `[R_b, C_b]` matrix, `(row_indices, col_indices)` of a
 minimum-cost assignment of min(R_b, C_b) pairs, CPU int64, rows ascending.
 
 Algorithm: shortest augmenting paths with potentials (the Jonker–Volgenant family, in the
@@ -47,10 +47,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from scipy.optimize import linear_sum_assignment
 
 Indices = tuple[torch.Tensor, torch.Tensor]
 
-__all__ = ["NonFiniteCostError", "SOLVER_NAMES", "auto_assignment", "solve_padded", "solver_for", "torch_assignment"]
+__all__ = ["NonFiniteCostError", "SOLVER_NAMES", "auto_assignment", "scipy_assignment", "solve_padded", "solver_for",
+           "torch_assignment"]
 
 SOLVER_NAMES: tuple[str, ...] = ("auto", "torch", "scipy")
 SEARCHES_PER_ROUND = 8  # concurrent shortest-path searches per matrix (see solve_padded)
@@ -267,10 +269,22 @@ def _pad(mats: list[torch.Tensor], r_max: int, c_max: int, num_rows: torch.Tenso
     return padded
 
 
+def scipy_assignment(costs: Sequence[torch.Tensor]) -> list[Indices]:
+    """Minimum-cost assignment per matrix with `scipy.optimize.linear_sum_assignment` (on the CPU).
+
+    `costs[b]` is `[Q, T_b]` (queries × that image's GT boxes, any device, T_b may be 0). Returns per image
+    `(query_indices, target_indices)`, CPU int64 tensors of length min(Q, T_b), ordered by ascending query
+    index — the contract every solver of `HungarianMatcher` keeps.
+    """
+    out = []
+    for c in costs:
+        rows, cols = linear_sum_assignment(c.detach().cpu().numpy())
+        out.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+    return out
+
+
 def solver_for(name: str):
     """The `HungarianMatcher` solver of `--matcher_backend` (`auto`, `torch` or `scipy`)."""
-    from models.matcher import scipy_assignment
-
     solvers = {"auto": auto_assignment, "torch": torch_assignment, "scipy": scipy_assignment}
     if name not in solvers:
         raise ValueError(f"unknown matcher backend {name!r}; expected one of {SOLVER_NAMES}")
@@ -282,6 +296,4 @@ def auto_assignment(costs: Sequence[torch.Tensor]) -> list[Indices]:
     torch solver (no per-image host copies, one batch), on the CPU scipy's compiled solver."""
     if costs and costs[0].is_cuda:
         return torch_assignment(costs)
-    from models.matcher import scipy_assignment
-
     return scipy_assignment(costs)

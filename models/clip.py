@@ -96,6 +96,31 @@ def architecture_from_state_dict(state_dict: dict[str, torch.Tensor], source: st
     )
 
 
+# Where CLIP's tensors sit inside a CORA state dict (the original's key layout, SPEC §9): the trunk under
+# `backbone.0.body.` (layer4 also aliased as `backbone.0.layer4.`), the attention pool (region prompt)
+# under `backbone.0.attn_pool.`, the text tower under `classifier.`.
+DETECTOR_CLIP_PREFIXES = ("backbone.0.", "classifier.")
+TEXT_KEYS = ("transformer.", "token_embedding.", "ln_final.", "positional_embedding", "text_projection")
+
+
+def clip_state_dict_from_detector(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CORA state dict's CLIP tensors under OpenAI's names (`visual.*`, text keys)."""
+    out = {}
+    for key, value in weights.items():
+        if key.startswith("backbone.0.body."):
+            out["visual." + key[len("backbone.0.body."):]] = value
+        elif key.startswith("backbone.0.attn_pool."):
+            out["visual.attnpool." + key[len("backbone.0.attn_pool."):]] = value
+        elif key.startswith("classifier."):
+            out[key[len("classifier."):]] = value
+    return out
+
+
+def has_clip_weights(weights: dict[str, torch.Tensor]) -> bool:
+    """Whether a CORA state dict holds the CLIP trunk and text tower (a full checkpoint)."""
+    return any(k.startswith("backbone.0.body.") for k in weights) and any(k.startswith("classifier.") for k in weights)
+
+
 def clip_model_name(backbone: str) -> str:
     """`clip_RN50` -> `RN50` (the original's `--backbone` values)."""
     if not backbone.startswith("clip_"):
@@ -238,6 +263,8 @@ class TextClassifier(nn.Module):
             p.requires_grad_(False)
         self.cache: dict[str, torch.Tensor] = {}
         self._tokenizer = SimpleTokenizer()
+        self._prompt_tokens: dict[str, int] = {}  # name -> tokens of its longest prompt (SOT, EOT included)
+        self._template_overhead: int | None = None
 
     @staticmethod
     def _causal_mask(n: int) -> torch.Tensor:
@@ -258,6 +285,33 @@ class TextClassifier(nn.Module):
         # Loading new weights (a checkpoint's classifier) invalidates cached embeddings.
         self.cache.clear()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def prompt_length(self, name: str) -> int:
+        """Tokens of the name's longest prompt among the 80 templates, start and end tokens included."""
+        if name not in self._prompt_tokens:
+            self._prompt_tokens[name] = 2 + max(len(self._tokenizer.encode(t.format(name))) for t in PROMPT_TEMPLATES)
+        return self._prompt_tokens[name]
+
+    def truncated(self, names: Sequence[str]) -> list[str]:
+        """The names some of whose prompts are longer than `text_len` tokens: the tokenizer cuts them (as
+        the original does), and two long names can come out with the same embedding."""
+        if self._template_overhead is None:  # tokens a template adds around a one-token name
+            self._template_overhead = max(len(self._tokenizer.encode(t.format("x"))) for t in PROMPT_TEMPLATES) - 1
+
+        def may_be_cut(name: str) -> bool:
+            # punctuation at the name's ends can merge with the template's into other tokens: a margin per mark
+            margin = 1 + sum(not (c.isalnum() or c.isspace()) for c in name)
+            return 2 + len(self._tokenizer.encode(name)) + self._template_overhead + margin > self.text_len
+
+        return [n for n in dict.fromkeys(names) if may_be_cut(n) and self.prompt_length(n) > self.text_len]
+
+    def indistinguishable(self, names: Sequence[str]) -> list[list[str]]:
+        """Groups of names whose every prompt is cut to the same tokens: the classifier cannot tell them apart."""
+        groups: dict[tuple, list[str]] = {}
+        for name in self.truncated(names):
+            key = tuple(map(tuple, self.tokenize([t.format(name) for t in PROMPT_TEMPLATES]).tolist()))
+            groups.setdefault(key, []).append(name)
+        return [g for g in groups.values() if len(g) > 1]
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """CLIP BPE, `[N, text_len]`; longer prompts are cut and end with EOT (OpenAI's truncate=True)."""

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.config import ModelConfig
 from models.matcher import HungarianMatcher
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
@@ -192,12 +193,12 @@ def build_weight_dict(
     return weight_dict
 
 
-def build_criterion(args, matcher: HungarianMatcher) -> SetCriterion:
+def build_criterion(cfg: ModelConfig, matcher: HungarianMatcher) -> SetCriterion:
     weight_dict = build_weight_dict(
-        cls_loss_coef=args.cls_loss_coef,
-        bbox_loss_coef=args.bbox_loss_coef,
-        giou_loss_coef=args.giou_loss_coef,
-        dec_layers=args.dec_layers,
-        aux_loss=args.aux_loss,
+        cls_loss_coef=cfg.cls_loss_coef,
+        bbox_loss_coef=cfg.bbox_loss_coef,
+        giou_loss_coef=cfg.giou_loss_coef,
+        dec_layers=cfg.dec_layers,
+        aux_loss=cfg.aux_loss,
     )
-    return SetCriterion(matcher=matcher, weight_dict=weight_dict, focal_alpha=args.focal_alpha)
+    return SetCriterion(matcher=matcher, weight_dict=weight_dict, focal_alpha=cfg.focal_alpha)

@@ -11,8 +11,7 @@ from torch import nn
 from models.backbone import Joiner
 from models.clip import TextClassifier
 from models.mlp import MLP
-from models.prematch import PrematchResult, novel_indices_for, prematch_anchors
-from models.pruned_eval import PruneSpec, pruned_detection_logits
+from models.prematch import NovelBoost, PrematchResult, prematch_anchors
 from models.transformer import Transformer
 from util.box_ops import inverse_sigmoid
 from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
@@ -21,15 +20,15 @@ from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 class CORA(nn.Module):
     """Open-vocabulary detector (CVPR 2023). Submodule names give the original's state-dict keys.
 
-    Training predicts one class-agnostic objectness logit per query; at eval the class scores
-    are CLIP's classification of the predicted boxes times the objectness probability.
+    The network predicts boxes and one class-agnostic objectness logit per query, in training and
+    at evaluation alike; how a trained model turns them into scored detections (CLIP's
+    classification of the final boxes, the novel boost, post-processing) is `models.inference.detect`.
     """
 
     def __init__(self, *, backbone: Joiner, transformer: Transformer, classifier: TextClassifier,
                  num_queries: int = 1000, text_dim: int = 1024, condition_bottleneck: int = 128,
                  input_proj_groupnorm: bool = False, objectness_prior: bool = False,
-                 target_class_factor: float = 1.0, eval_tau: float = 100.0, anchor_pre_matching: bool = True,
-                 condition_on_text: bool = True):
+                 anchor_pre_matching: bool = True, condition_on_text: bool = True):
         super().__init__()
         # Both off: DAB-DETR's class-agnostic queries (anchors in their own order, zero content queries,
         # matching without the class mask), the ablation of the paper's Table 3; region scores at eval
@@ -57,12 +56,6 @@ class CORA(nn.Module):
         if objectness_prior:
             nn.init.constant_(self.objectness_embed.bias, -math.log((1 - 0.01) / 0.01))
         self.text_proj = MLP(text_dim, condition_bottleneck, hidden_dim, 2)
-        self.target_class_factor = target_class_factor
-        self.eval_tau = eval_tau
-        # Region scoring at eval (models/pruned_eval.py): chunks of descending objectness, stopping once
-        # the detections of this PostProcess setting cannot change. build_model matches it to its
-        # PostProcess; PruneSpec(prune=False) scores every query.
-        self.prune_eval = PruneSpec()
 
     @staticmethod
     def _as_nested(samples) -> NestedTensor:
@@ -77,35 +70,24 @@ class CORA(nn.Module):
                         f"found {type(samples).__name__}")
 
     def forward(self, samples, categories: Sequence[str], *, split_class: bool = False,
-                novel_indices: Sequence[int] | None = None) -> dict:
-        """Detect `categories` in `samples` (NestedTensor, `[B,3,H,W]` tensor or list of `[3,H,W]`).
+                boost: NovelBoost | None = None) -> dict:
+        """The network on `samples` (NestedTensor, `[B,3,H,W]` tensor or list of `[3,H,W]`) for `categories`.
 
-        Returns `pred_boxes [B',Q,4]` cxcywh in 0..1 of each unpadded image, `pred_logits`
-        (train: objectness `[B',Q,1]`; eval: inverse-sigmoid class scores `[B,Q,C]`),
-        `proposal_classes [B',Q]` (only with anchor pre-matching), `anchor_index [B',Q]` (query_embed row
-        of each query),
-        `aux_outputs` (earlier decoder layers, objectness logits). With `split_class`
-        (training) B' = 2B: the classes are split at random in two halves, one per batch copy.
-        novel_indices: classes boosted by `target_class_factor` at eval; defaults to COCO OVD's
-        novel classes when `categories` is the 65-name list.
+        Returns, in training and at evaluation alike:
+          `pred_logits [B',Q,1]` objectness logits and `pred_boxes [B',Q,4]` cxcywh in 0..1 of each
+          unpadded image (final decoder layer); `aux_outputs`: the same for the earlier layers;
+          `proposal_classes [B',Q]` pre-matched class per query (also in each aux dict; only with
+          anchor pre-matching); `anchor_index [B',Q]` the query_embed row of each query;
+          `text_features [C,D]` the categories' embeddings; `layer3` the trunk's stride-16 map (a
+          NestedTensor `[B,E/2,h,w]`), which region scoring reads; `split_class` True on split iterations.
+        With `split_class` (training) B' = 2B: the classes are split at random in two halves, one per
+        batch copy. `boost` multiplies novel-class probabilities in pre-matching (evaluation's
+        `--target_class_factor`, given by `models.inference.detect`).
         """
         samples = self._as_nested(samples)
         features, pos = self.backbone(samples)
         text = self.classifier(categories)
-        anchors = self.query_embed.weight
-        if self.anchor_pre_matching:
-            split_mask = torch.rand_like(text[:, 0]) > 0.5 if split_class else None
-            boost = 1.0 if self.training else self.target_class_factor
-            if boost != 1.0 and novel_indices is None:
-                novel_indices = novel_indices_for(categories)
-            matched = prematch_anchors(anchors, features["layer4"], self.backbone.trunk.attn_pool, text,
-                                       boost_factor=boost, boost_indices=novel_indices, split_mask=split_mask)
-        else:
-            if split_class:
-                raise ValueError("split_class splits the classes of anchor pre-matching, which is off")
-            batch = samples.tensors.shape[0]
-            order = torch.arange(anchors.shape[0], device=anchors.device).expand(batch, -1)
-            matched = PrematchResult(classes=None, anchor_index=order, refpoints=anchors[:, None].expand(-1, batch, -1))
+        matched = self._match_anchors(features["layer4"], text, samples.tensors.shape[0], split_class, boost)
         if self.condition_on_text and matched.classes is not None:
             content = self.text_proj(text)[matched.classes].transpose(0, 1)  # [Q,B',d]
         else:
@@ -126,10 +108,22 @@ class CORA(nn.Module):
             "anchor_index": matched.anchor_index,
             "aux_outputs": [{"pred_logits": o, "pred_boxes": b, **classes}
                             for o, b in zip(objectness[:-1], boxes[:-1])],
+            "text_features": text,
+            "layer3": layer3,
         }
         if split_class:
             out["split_class"] = True
-        if not self.training:
-            out["pred_logits"], out["scored_queries"] = pruned_detection_logits(
-                self.backbone.trunk, layer3, boxes[-1], text, objectness[-1], tau=self.eval_tau, spec=self.prune_eval)
         return out
+
+    def _match_anchors(self, layer4: NestedTensor, text: torch.Tensor, batch: int, split_class: bool,
+                       boost: NovelBoost | None) -> PrematchResult:
+        """Anchor pre-matching, or (without it) the anchors in their own order as class-agnostic queries."""
+        anchors = self.query_embed.weight
+        if self.anchor_pre_matching:
+            split_mask = torch.rand_like(text[:, 0]) > 0.5 if split_class else None
+            return prematch_anchors(anchors, layer4, self.backbone.trunk.attn_pool, text, boost=boost,
+                                    split_mask=split_mask)
+        if split_class:
+            raise ValueError("split_class splits the classes of anchor pre-matching, which is off")
+        order = torch.arange(anchors.shape[0], device=anchors.device).expand(batch, -1)
+        return PrematchResult(classes=None, anchor_index=order, refpoints=anchors[:, None].expand(-1, batch, -1))

@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from models.assignment import scipy_assignment, solver_for
+from models.config import ModelConfig
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 # The original writes 99 into masked entries and removes matched pairs whose cost is >= 99.
@@ -26,20 +27,6 @@ MASKED_COST = 99.0
 
 Indices = tuple[torch.Tensor, torch.Tensor]
 AssignmentSolver = Callable[[Sequence[torch.Tensor]], list[Indices]]
-
-
-def scipy_assignment(costs: Sequence[torch.Tensor]) -> list[Indices]:
-    """Minimum-cost assignment per image with `scipy.optimize.linear_sum_assignment` (on the CPU).
-
-    `costs[b]` is `[Q, T_b]` (queries × that image's GT boxes, any device, T_b may be 0). Returns per image
-    `(query_indices, target_indices)`, CPU int64 tensors of length min(Q, T_b), ordered by ascending query
-    index — the contract any other solver plugged into `HungarianMatcher` must keep.
-    """
-    out = []
-    for c in costs:
-        rows, cols = linear_sum_assignment(c.detach().cpu().numpy())
-        out.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
-    return out
 
 
 class HungarianMatcher(nn.Module):
@@ -135,11 +122,8 @@ class HungarianMatcher(nn.Module):
         return [matches[i:i + per_layer] for i in range(0, len(matches), per_layer)]
 
 
-def build_matcher(args) -> HungarianMatcher:
-    from models.assignment import solver_for  # imports this module's scipy_assignment
-
+def build_matcher(cfg: ModelConfig) -> HungarianMatcher:
     return HungarianMatcher(
-        cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox, cost_giou=args.set_cost_giou,
-        remove_misclassified=args.remove_misclassified,
-        solver=solver_for(getattr(args, "matcher_backend", "auto")),
+        cost_class=cfg.set_cost_class, cost_bbox=cfg.set_cost_bbox, cost_giou=cfg.set_cost_giou,
+        remove_misclassified=cfg.remove_misclassified, solver=solver_for(cfg.matcher_backend),
     )

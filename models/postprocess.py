@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
+from models.config import ModelConfig
 from util.box_ops import box_cxcywh_to_xyxy
 
 SCORE_THRESHOLD = 0.001
@@ -50,6 +51,5 @@ class PostProcess(nn.Module):
         return results
 
 
-def build_postprocessors(args) -> dict[str, nn.Module]:
-    max_det = 300 if getattr(args, "dataset_file", "coco") == "lvis" else 100
-    return {"bbox": PostProcess(max_detections=max_det, use_nms=args.use_nms and not args.no_nms)}
+def build_postprocessors(cfg: ModelConfig) -> dict[str, nn.Module]:
+    return {"bbox": PostProcess(max_detections=cfg.max_detections, use_nms=cfg.use_nms)}

@@ -22,37 +22,38 @@ differ. The default `batch_size=1` gives every image the numbers a batch of one 
 of the COCO-OVD benchmark: it applies when the vocabulary is exactly the 65 COCO-OVD names (the
 17 novel ones are boosted), or to classes named by `novel_indices` (LVIS: the rare ones); for any
 other vocabulary it is 1.
-
-A Predictor changes its model's `target_class_factor` per call: one Predictor must not be used from
-several threads at once.
 """
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from datasets.coco_ovd import novel_indices_for
 from datasets.transforms import CLIP_MEAN, CLIP_STD, MAX_SIZE, VAL_SIZE, Compose, Normalize, ToRGB, ToTensor, resize
-from models import args_for_weights, build_model
+from models import ModelConfig, build_model, load_detector_weights
+from models.clip import has_clip_weights
 from models.detector import CORA
+from models.inference import detect
 from models.postprocess import PostProcess
-from models.prematch import novel_indices_for
+from models.prematch import NovelBoost, resolve_boost
 from models.text_cache import TextEmbeddingDiskCache, default_cache_dir, fill_text_cache, text_tower_fingerprint
-from util.checkpoint import load_checkpoint, load_model_state, pick_weights
+from util.checkpoint import CheckpointError, load_checkpoint, pick_weights
+from util.device import resolve_device
+from util.image import to_rgb
 from util.nested_tensor import nested_tensor_from_tensor_list
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 # The trunk maps a side of n pixels to ceil(n/2) and then halves it (floor) four times: n < 31 leaves
 # layer4's stride-2 pooling an empty output.
 MIN_SIDE = 31
-# Prefixes of the frozen CLIP tensors inside a CORA state dict (image trunk, attention pool, text tower).
-CLIP_PREFIXES = ("backbone.0.", "classifier.")
 
 
 @dataclass
@@ -126,8 +127,9 @@ def _array_to_pil(array: np.ndarray, what: str) -> Image.Image:
 def load_rgb(image: ImageInput, *, index: int | None = None) -> Image.Image:
     """Any supported input as an RGB PIL image, EXIF orientation applied.
 
-    Paths and PIL images of any mode (L, LA, P, RGBA, CMYK, I;16, ...) go through `convert('RGB')`
-    (alpha is dropped, not composited). Arrays are RGB(A) channel order (convert OpenCV's BGR first).
+    Paths and PIL images of any mode (L, LA, P, RGBA, CMYK, 16-bit grayscale, ...) go through
+    `util.image.to_rgb` (alpha is dropped, not composited; 16 bits are scaled to 8). Arrays are RGB(A)
+    channel order (convert OpenCV's BGR first).
     """
     what = _describe(image, index)
     if isinstance(image, (str, os.PathLike)):
@@ -139,24 +141,14 @@ def load_rgb(image: ImageInput, *, index: int | None = None) -> Image.Image:
         try:
             with Image.open(path) as opened:
                 opened.load()
-                pil = ImageOps.exif_transpose(opened)
-                return pil.convert("RGB")
+                return to_rgb(ImageOps.exif_transpose(opened), what=what)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"{what}: cannot be read as an image ({type(e).__name__}: {e})") from e
     if isinstance(image, Image.Image):
-        return ImageOps.exif_transpose(image).convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(image), what=what)
     if isinstance(image, np.ndarray):
         return _array_to_pil(image, what)
     raise TypeError(f"{what}: expected a file path, a PIL image or a numpy array, found {type(image).__name__}")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device}: CUDA is not available on this machine (use device='cpu')")
-    return device
 
 
 class Predictor:
@@ -189,6 +181,7 @@ class Predictor:
                                                   text_tower_fingerprint(model.classifier))
                            if disk_cache else None)
         self.model = model.to(self.device).eval()
+        self._warned_cut: set[str] = set()
         self._to_tensor = Compose(transforms=[ToRGB(), ToTensor(), Normalize(mean=CLIP_MEAN, std=CLIP_STD)])
 
     @classmethod
@@ -211,27 +204,22 @@ class Predictor:
         checkpoint = load_checkpoint(checkpoint_path)
         weights = pick_weights(checkpoint, use_ema=use_ema, source=source)
         stored = checkpoint.get("args")
-        has_clip = any(k.startswith("backbone.0.body.") for k in weights) and any(
-            k.startswith("classifier.") for k in weights)
         try:
-            if has_clip:
-                args = args_for_weights(weights, stored)
-                model, _, _ = build_model(args, checkpoint_weights=weights)
-                load_model_state(model, weights, strict=True, source=source)
+            if has_clip_weights(weights):
+                cfg = ModelConfig.from_checkpoint(weights, stored)
             else:
-                args, model = _build_detector_only(weights, stored, source, clip_archive, region_prompt)
+                cfg = _detector_only_config(weights, stored, source, clip_archive, region_prompt)
         except KeyError as e:
-            raise ValueError(f"{source}: not a CORA state dict (no tensor {e}); keys: {sorted(weights)[:8]} ...") from e
-        if use_nms is None:
-            use_nms = bool(args.use_nms and not args.no_nms)
-        if target_class_factor is None:
-            target_class_factor = float(args.target_class_factor)
+            raise CheckpointError(f"{source}: not a CORA state dict (no tensor {e}); keys: {sorted(weights)[:8]} ...") \
+                from e
+        model, _, _ = build_model(cfg, checkpoint_weights=weights)
+        load_detector_weights(model, weights, source=source)
         if image_scale is None:
-            # a run setting, not a model one: read from the stored args themselves (args_for_weights keeps
-            # only what defines the model)
+            # a run setting, not a model one: read from the stored args themselves
             image_scale = float(getattr(stored, "image_scale", 1.0) if stored is not None else 1.0)
-        return cls(model, use_nms=use_nms, target_class_factor=target_class_factor, resize=resize,
-                   cache_dir=cache_dir, disk_cache=disk_cache, device=device, image_scale=image_scale)
+        return cls(model, use_nms=cfg.use_nms if use_nms is None else use_nms,
+                   target_class_factor=cfg.target_class_factor if target_class_factor is None else target_class_factor,
+                   resize=resize, cache_dir=cache_dir, disk_cache=disk_cache, device=device, image_scale=image_scale)
 
     # ---------------------------------------------------------------- pieces of predict()
     def preprocess(self, image: ImageInput, *, index: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -256,25 +244,39 @@ class Predictor:
         fill_text_cache(self.model.classifier, names, self.text_cache)
         return self.model.classifier(list(names))
 
-    def boost_for(self, vocabulary: Sequence[str], novel_indices: Sequence[int] | None = None
-                  ) -> tuple[float, tuple[int, ...] | None]:
-        """`(factor, indices)` of the novel-class boost for this vocabulary (module doc)."""
+    def truncated_names(self, vocabulary: Sequence[str]) -> list[str]:
+        """The class names whose prompts are longer than the model's `text_len` tokens (CLIP's tokenizer
+        cuts them, as the original does; two such names may end up with one embedding)."""
+        return self.model.classifier.truncated(normalize_vocabulary(vocabulary))
+
+    def check_names(self, vocabulary: Sequence[str]) -> None:
+        """Names the text encoder cannot tell apart are an error; names it cuts, a warning (once each)."""
+        names = normalize_vocabulary(vocabulary)
+        classifier = self.model.classifier
+        clashes = classifier.indistinguishable(names)
+        if clashes:
+            raise ValueError(f"vocabulary: {clashes[0]} are cut to the same {classifier.text_len} tokens in every "
+                             f"prompt and would get one embedding; shorten them (the model reads "
+                             f"{classifier.text_len} tokens per prompt, start and end included)")
+        cut = [n for n in self.truncated_names(names) if n not in self._warned_cut]
+        if cut:
+            self._warned_cut.update(cut)
+            warnings.warn(f"{len(cut)} class name(s) are cut to the model's {classifier.text_len} tokens in some of "
+                          f"the 80 prompt templates (as the original does): {cut[:10]}", stacklevel=3)
+
+    def boost_for(self, vocabulary: Sequence[str], novel_indices: Sequence[int] | None = None) -> NovelBoost | None:
+        """The novel-class boost for this vocabulary (module doc): None unless `target_class_factor` is not 1
+        and the novel classes are known (`novel_indices`, or the COCO-OVD list recognised by itself)."""
         if novel_indices is not None:
-            novel = tuple(int(i) for i in novel_indices)
-            bad = [i for i in novel if not 0 <= i < len(vocabulary)]
-            if bad:
-                raise ValueError(f"novel_indices {bad} are not indices into the {len(vocabulary)}-name vocabulary")
-        else:
-            novel = novel_indices_for(tuple(vocabulary))
-        if not novel or self.target_class_factor == 1.0:
-            return 1.0, None
-        return self.target_class_factor, novel
+            return resolve_boost(self.target_class_factor, novel_indices, len(vocabulary), what="the vocabulary")
+        novel = novel_indices_for(tuple(vocabulary))
+        return resolve_boost(self.target_class_factor, novel, len(vocabulary)) if novel else None
 
     @torch.no_grad()
     def detect(self, tensors: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], vocabulary: Sequence[str], *,
                score_threshold: float = 0.0, max_detections: int = 100, novel_indices: Sequence[int] | None = None,
                clip_boxes: bool = True, sources: Sequence[str | None] | None = None) -> list[Detections]:
-        """The model and PostProcess on already preprocessed images, all in one batch.
+        """`models.inference.detect` on already preprocessed images, all in one batch.
 
         tensors: `[3,H_i,W_i]` CLIP-normalised images (zero-padded together when sizes differ);
         sizes: `(h, w)` per image, the pixel frame the boxes are returned in (the original image's size).
@@ -286,17 +288,15 @@ class Predictor:
             raise ValueError(f"score_threshold {score_threshold}: expected a value in [0, 1]")
         if int(max_detections) != max_detections or max_detections < 1:
             raise ValueError(f"max_detections {max_detections}: expected a positive integer")
-        factor, novel = self.boost_for(names, novel_indices)
+        boost = self.boost_for(names, novel_indices)
+        self.check_names(names)
         fill_text_cache(self.model.classifier, names, self.text_cache)
         samples = nested_tensor_from_tensor_list([t.to(self.device, torch.float32) for t in tensors])
-        self.model.target_class_factor = factor
-        post = PostProcess(max_detections=int(max_detections), use_nms=self.use_nms)
-        # region scoring stops once this PostProcess's detections are settled (models/pruned_eval.py)
-        self.model.prune_eval = replace(self.model.prune_eval, max_detections=post.max_detections,
-                                                    use_nms=post.use_nms)
-        outputs = self.model(samples, categories=list(names), novel_indices=novel)
         target_sizes = torch.as_tensor([list(s) for s in sizes], device=self.device)
-        results = post(outputs, target_sizes)
+        post = PostProcess(max_detections=int(max_detections), use_nms=self.use_nms)
+        results = detect(self.model, samples, list(names), postprocess=post, target_sizes=target_sizes,
+                         boost=boost).results
+        factor = boost.factor if boost is not None else 1.0
         detections = []
         for i, (res, (h, w)) in enumerate(zip(results, sizes)):
             keep = res["scores"] >= score_threshold
@@ -345,38 +345,20 @@ class Predictor:
         return out
 
 
-def _build_detector_only(weights: dict[str, torch.Tensor], stored, source: str, clip_archive, region_prompt):
-    """A checkpoint without CLIP tensors: CLIP from `clip_archive`, the region prompt from `region_prompt`."""
-    from models.clip import read_clip_archive
-
+def _detector_only_config(weights, stored, source: str, clip_archive, region_prompt) -> ModelConfig:
+    """A checkpoint without CLIP tensors (e.g. the bundled toy model): CLIP from `clip_archive`, the region
+    prompt from `region_prompt` (required when the run trained with one and the file has no attention pool)."""
     if clip_archive is None:
-        raise ValueError(f"{source} holds no CLIP weights (no backbone.0.body.* / classifier.* tensors): pass "
-                         f"clip_archive=/path/to/RN50.pt (the OpenAI CLIP archive it was trained with)")
+        raise CheckpointError(f"{source} holds no CLIP weights (no backbone.0.body.* / classifier.* tensors): give "
+                              f"the OpenAI CLIP archive it was trained with (Predictor: clip_archive=, command line: "
+                              f"--model_path)")
     if not Path(clip_archive).is_file():
-        raise FileNotFoundError(f"clip_archive {clip_archive}: file not found")
-    _, clip_sd = read_clip_archive(str(clip_archive))
-    # args_for_weights reads the CLIP architecture off detector keys: lend it the archive's tensors.
-    lent = dict(weights)
-    for key, value in clip_sd.items():
-        if key.startswith("visual."):
-            lent["backbone.0.body." + key[len("visual."):]] = value
-        elif key.startswith(("transformer.", "token_embedding.", "ln_final.", "positional_embedding",
-                             "text_projection")):
-            lent["classifier." + key] = value
-    args = args_for_weights(lent, stored)
+        raise FileNotFoundError(f"CLIP archive {clip_archive}: file not found")
     has_pool = any(k.startswith("backbone.0.attn_pool.") for k in weights)
     trained_with = getattr(stored, "region_prompt_path", "") if stored is not None else ""
     if region_prompt is None and not has_pool and trained_with:
-        raise ValueError(f"{source} holds no attention-pool weights and was trained with --region_prompt_path "
-                         f"{trained_with}: pass region_prompt=/path/to/that file")
-    args.model_path = str(clip_archive)
-    args.region_prompt_path = str(region_prompt) if region_prompt else ""
-    model, _, _ = build_model(args)
-    own = model.state_dict()
-    unexpected = [k for k in weights if k not in own]
-    missing = [k for k in own if k not in weights and not k.startswith(CLIP_PREFIXES)]
-    if unexpected or missing:
-        raise ValueError(f"{source} does not fit the model built from it: missing {missing[:10]}, "
-                         f"unexpected {unexpected[:10]}")
-    load_model_state(model, weights, strict=False, source=source)
-    return args, model
+        raise CheckpointError(f"{source} holds no attention-pool weights and was trained with --region_prompt_path "
+                              f"{trained_with}: give that file (Predictor: region_prompt=, command line: "
+                              f"--region_prompt_path)")
+    return ModelConfig.from_checkpoint(weights, stored, model_path=str(clip_archive),
+                                       region_prompt_path=str(region_prompt) if region_prompt else "")

@@ -24,28 +24,36 @@ PREMATCH_TAU = 100.0  # softmax temperature, hard-coded in the original
 BACKGROUND_LOGIT = -1.0  # constant background similarity; its column is dropped after the softmax
 PREMATCH_CHUNK = 256  # RoIs per pooling call: bounds memory (RN50: 256 x 3 x 2048 x 7 x 7 floats)
 
-# The 17 novel classes of COCO OVD as indices into the 65-class list in category-id order.
-COCO_OVD_CATEGORIES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "bench", "bird",
-    "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "kite", "skateboard", "surfboard", "bottle",
-    "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot",
-    "pizza", "donut", "cake", "chair", "couch", "bed", "toilet", "tv", "laptop", "mouse", "remote",
-    "keyboard", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "toothbrush",
-)
-COCO_OVD_NOVEL_INDICES = (4, 5, 11, 12, 15, 16, 21, 23, 27, 29, 32, 34, 45, 47, 54, 58, 63)
+
+@dataclass(frozen=True)
+class NovelBoost:
+    """The eval-time novel boost (`--target_class_factor`, SPEC §3.6): pre-matching multiplies the
+    class probabilities of `indices` (into the category list) by `factor` before the arg-max."""
+
+    factor: float
+    indices: tuple[int, ...]
 
 
-def novel_indices_for(categories: Sequence[str]) -> tuple[int, ...] | None:
-    """The classes the eval-time novel boost applies to, when `categories` is a list it knows.
-
-    COCO OVD's 65 names are recognised here; LVIS's rare classes come from the dataset's
-    `frequency` field (the caller passes them), since the 1203 names are not shipped.
-    """
-    if tuple(categories) == COCO_OVD_CATEGORIES:
-        return COCO_OVD_NOVEL_INDICES
-    return None
+def resolve_boost(factor: float, novel_indices: Sequence[int] | None, num_classes: int, *,
+                  what: str = "the category list") -> NovelBoost | None:
+    """The boost for a vocabulary of `num_classes` names whose novel (LVIS: rare) classes are
+    `novel_indices`: None when `factor` is 1. The original asserts unless the list is COCO-OVD's 65
+    names or LVIS's 1203; here any list with known novel classes works, and one without is refused."""
+    if factor == 1.0:
+        return None
+    if not factor > 0:
+        raise ValueError(f"target_class_factor {factor}: must be positive")
+    if not novel_indices:
+        raise ValueError(
+            f"target_class_factor {factor} boosts the novel classes of the vocabulary (COCO OVD's 17, LVIS's rare "
+            f"ones, a json's categories marked \"split\": \"novel\"), but {what} ({num_classes} names) has none "
+            f"known; use target_class_factor 1 for this vocabulary"
+        )
+    indices = tuple(int(i) for i in novel_indices)
+    bad = [i for i in indices if not 0 <= i < num_classes]
+    if bad:
+        raise ValueError(f"novel indices {bad[:10]} are not indices into {what} ({num_classes} names)")
+    return NovelBoost(float(factor), indices)
 
 
 @dataclass
@@ -97,14 +105,14 @@ def efficient_region_embeddings(attn_pool: nn.Module, layer4: NestedTensor, boxe
 
 
 def prematch_anchors(anchors: torch.Tensor, layer4: NestedTensor, attn_pool: nn.Module, text_features: torch.Tensor,
-                     *, boost_factor: float = 1.0, boost_indices: Sequence[int] | None = None,
-                     split_mask: torch.Tensor | None = None) -> PrematchResult:
+                     *, boost: NovelBoost | None = None, split_mask: torch.Tensor | None = None) -> PrematchResult:
     """Assign each anchor a class and reorder the anchors by class, per image.
 
     anchors: `query_embed.weight [Q,4]` (logits of cxcywh). text_features `[C,D]` (normalised).
-    boost_factor multiplies the probabilities of `boost_indices` before the arg-max (the original's
-    eval-time `--target_class_factor` on novel classes). split_mask `[C]` bool (split_class training):
-    the batch doubles; the first half sees only classes where it is False, the second only where True.
+    boost multiplies the probabilities of its classes before the arg-max (the original's eval-time
+    `--target_class_factor` on novel classes; `models.inference.detect` passes it). split_mask `[C]`
+    bool (split_class training): the batch doubles; the first half sees only classes where it is
+    False, the second only where True.
     """
     b = layer4.tensors.shape[0]
     q = anchors.shape[0]
@@ -119,15 +127,9 @@ def prematch_anchors(anchors: torch.Tensor, layer4: NestedTensor, attn_pool: nn.
             sims = torch.cat([roi @ first.t(), roi @ second.t()])  # [2B,Q,C]
         sims = torch.cat([sims, torch.full_like(sims[..., :1], BACKGROUND_LOGIT)], dim=-1)
         prob = torch.softmax(PREMATCH_TAU * sims, dim=-1)[..., :-1]
-        if boost_factor != 1.0:
-            if boost_indices is None:
-                raise ValueError(
-                    f"target_class_factor {boost_factor} boosts the novel classes of COCO OVD (65 names) or "
-                    f"LVIS (rare classes), but the category list ({prob.shape[-1]} names) is neither; "
-                    f"use target_class_factor 1 for other vocabularies"
-                )
-            idx = torch.as_tensor(list(boost_indices), device=prob.device)
-            prob[..., idx] = prob[..., idx] * boost_factor
+        if boost is not None:
+            idx = torch.as_tensor(boost.indices, device=prob.device)
+            prob[..., idx] = prob[..., idx] * boost.factor
         classes = prob.argmax(dim=-1)
         # Stable, so the order is reproducible on every device; the decoder treats queries as a set.
         classes, order = classes.sort(dim=-1, stable=True)

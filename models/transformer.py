@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.config import ModelConfig
 from models.mlp import MLP
 from util.box_ops import inverse_sigmoid
 
@@ -282,7 +283,7 @@ class Transformer(nn.Module):
         return hs, references, memory
 
 
-def build_transformer(args) -> Transformer:
-    return Transformer(d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
-                       num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
-                       dropout=args.dropout)
+def build_transformer(cfg: ModelConfig) -> Transformer:
+    return Transformer(d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
+                       num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward,
+                       dropout=cfg.dropout)

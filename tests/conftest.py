@@ -20,6 +20,10 @@ def _deterministic_seed():
     yield
 
 
+# How long a test waits for a subprocess, a server or a file before calling it hung: far beyond what any step
+# takes on a slow, shared CI machine (a guard against hangs, never a performance check).
+HANG_GUARD_S = 3600
+
 # Set by torchrun / slurm in the calling shell; a child launcher must not inherit them.
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID")
 

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from engine import train_one_epoch  # noqa: E402
 from models import build_model  # noqa: E402
 from tests import golden  # noqa: E402
-from tests.test_train_golden import _targets  # noqa: E402
+from tests.helpers import golden_train_targets  # noqa: E402
 from util import dist  # noqa: E402
 from util.nested_tensor import NestedTensor  # noqa: E402
 from util.optim import build_optimizer  # noqa: E402
@@ -36,7 +36,7 @@ def main(out_path: str) -> None:
     optimizer, _ = build_optimizer(model_without_ddp, lr=args.lr, weight_decay=args.weight_decay,
                                    lr_drop=args.lr_drop)
     inputs = golden.load("inputs.pth")
-    targets = _targets("inputs.pth")
+    targets = golden_train_targets("inputs.pth")
     images = len(targets)
     per_rank = images // args.world_size
     mine = slice(args.rank * per_rank, (args.rank + 1) * per_rank)

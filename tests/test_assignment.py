@@ -1,16 +1,16 @@
 """The batched torch assignment solver (models/assignment.py) against scipy, and the matcher on it."""
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from models.assignment import NonFiniteCostError, auto_assignment, solve_padded, solver_for, torch_assignment
+from models.config import ModelConfig
 from models.matcher import MASKED_COST, build_matcher, scipy_assignment
 from tests import golden
+from tests.helpers import parsed_args
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -131,14 +131,10 @@ def test_backend_selection():
     costs = [torch.rand(50, 4), torch.rand(50, 0)]
     for (r, c), (rr, rc) in zip(auto_assignment(costs), scipy_assignment(costs), strict=True):
         assert torch.equal(r, rr) and torch.equal(c, rc)
-    args = argparse.Namespace(set_cost_class=2.0, set_cost_bbox=5.0, set_cost_giou=2.0, remove_misclassified=True)
-    assert build_matcher(args).solver is auto_assignment  # argument lists without the flag
+    assert build_matcher(ModelConfig()).solver is auto_assignment  # the default
     for name in ("auto", "torch", "scipy"):
-        assert build_matcher(argparse.Namespace(**vars(args), matcher_backend=name)).solver is solver_for(name)
-    from main import get_args_parser
-
-    assert get_args_parser().parse_args([]).matcher_backend == "auto"
-    assert get_args_parser().parse_args(["--matcher_backend", "torch"]).matcher_backend == "torch"
+        cfg = ModelConfig.from_args(parsed_args("--matcher_backend", name))
+        assert build_matcher(cfg).solver is solver_for(name)
 
 
 # --------------------------------------------------------------------------- golden
@@ -147,10 +143,8 @@ def test_backend_selection():
 TRAIN_FILES = ["train_step.pth", "train_step_split.pth", "train_step_empty_target.pth"]
 
 
-def _args(backend: str) -> argparse.Namespace:
-    return argparse.Namespace(set_cost_class=2.0, set_cost_bbox=5.0, set_cost_giou=2.0, cls_loss_coef=2.0,
-                              bbox_loss_coef=5.0, giou_loss_coef=2.0, focal_alpha=0.25, dec_layers=3, aux_loss=True,
-                              remove_misclassified=True, matcher_backend=backend)
+def _args(backend: str) -> ModelConfig:
+    return ModelConfig(dec_layers=3, remove_misclassified=True, matcher_backend=backend)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -189,36 +183,3 @@ def test_golden_matches_and_losses_with_torch_backend(name, device):
     for k, v in ref["loss_dict"].items():
         assert abs(loss_dict[k].item() - v.item()) <= max(1e-4 * abs(v.item()), 1e-6), k
 
-
-@pytest.mark.parametrize("inputs_name,split", [("inputs.pth", False), ("inputs_empty_target.pth", False)])
-def test_golden_train_step_with_torch_backend(inputs_name, split, monkeypatch):
-    """tests/test_train_golden.py's whole iteration (forward, matching, losses, gradients, AdamW, EMA) with
-    `--matcher_backend torch`."""
-    from tests import test_train_golden
-
-    model_args = golden.model_args
-    built = []
-
-    def with_torch_backend(**overrides):
-        args = model_args(**overrides)
-        args.matcher_backend = "torch"
-        built.append(args)
-        return args
-
-    calls = []
-
-    def counting(costs):
-        calls.append(len(costs))
-        return torch_assignment(costs)
-
-    import models.assignment
-
-    monkeypatch.setattr(golden, "model_args", with_torch_backend)
-    monkeypatch.setattr(models.assignment, "torch_assignment", counting)
-    test_train_golden.test_train_step_matches_original(inputs_name, split, monkeypatch)
-    assert built, "the golden step did not build its arguments through golden.model_args"
-    assert calls, "the torch solver was not used"
-    # the criterion solves every decoder layer (3) of every image in a single call; the calls after it
-    # are the golden test's own per-layer matcher calls (one image batch each)
-    images = len(golden.load(inputs_name)["targets"])
-    assert calls == [3 * images] + [images] * 3, calls

@@ -9,6 +9,8 @@ import logging
 import os
 import pickle
 import re
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -452,3 +454,21 @@ def test_long_key_lists_are_grouped():
     assert "bbox_embed.layers.0.weight, bbox_embed.layers.0.bias" in message
     assert "... (32 in all)" in message and "bbox_embed.layers: 16, decoder.bbox_embed: 16" in message
     assert "bbox_embed.layers.7.bias" not in message  # the list itself stays short
+
+
+def test_temporaries_of_killed_writes_are_removed(tmp_path, capsys):
+    """A process killed while writing leaves `.checkpoint.pth.<pid>.<random>.tmp`; the next write of that file
+    removes the ones whose process is gone (and only those)."""
+    path = tmp_path / "checkpoint.pth"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    stale = tmp_path / f".checkpoint.pth.{int(dead.stdout)}.0a1b2c3d.tmp"
+    stale.write_bytes(b"10 MB of a checkpoint, cut")
+    alive = tmp_path / f".checkpoint.pth.{os.getppid()}.0a1b2c3d.tmp"  # another process still writing
+    alive.write_bytes(b"in progress")
+    other = tmp_path / f".log.txt.{int(dead.stdout)}.0a1b2c3d.tmp"  # another file's: not this write's business
+    other.write_bytes(b"x")
+    save_checkpoint({"epoch": 1}, path)
+    assert not stale.exists() and alive.exists() and other.exists()
+    assert f"removed {stale}, left by an interrupted write" in capsys.readouterr().out
+    assert load_checkpoint(path)["epoch"] == 1

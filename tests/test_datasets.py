@@ -20,6 +20,7 @@ from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.coco import CocoDetection
 from datasets.lvis import DistributedWeightedSampler, LvisDetection, repeat_factors
 from datasets.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, val_resize_hw
+from tests.helpers import parsed_args
 from tests.tiny_coco import make_tiny_coco
 
 # From SPEC §2.2 (the 65-way label index of the val json, and the hard-coded novel ids / indices).
@@ -43,16 +44,7 @@ def tiny_rw(tmp_path):
 
 
 def coco_args(root, **overrides) -> argparse.Namespace:
-    args = dict(
-        dataset_file="coco",
-        coco_path=str(root),
-        ovd=True,
-        label_version="",
-        eval_target=False,
-        backbone="clip_RN50",
-    )
-    args.update(overrides)
-    return argparse.Namespace(**args)
+    return parsed_args("--coco_path", str(root), "--ovd", "--backbone", "clip_RN50", **overrides)
 
 
 def write_json(path: Path, data) -> Path:
@@ -365,10 +357,31 @@ def test_missing_image_file(tiny_rw):
     ds = build_dataset("train", coco_args(tiny_rw["root"]))
     path = tiny_rw["image_dirs"]["train"] / "000000000632.jpg"
     path.unlink()
+    # a file gone after the start is named when its item is read, and the others still load
     with pytest.raises(FileNotFoundError) as e:
         ds[ds.ids.index(632)]
     assert str(path) in str(e.value) and "image id 632" in str(e.value)
-    ds[ds.ids.index(139)]  # the others still load
+    ds[ds.ids.index(139)]
+    # a file missing when the dataset is opened stops the run before any training, naming it
+    missing = r"1 listed image file\(s\) not found: .*000000000632.jpg \(image id 632\)"
+    with pytest.raises(FileNotFoundError, match=missing):
+        build_dataset("train", coco_args(tiny_rw["root"]))
+
+
+def test_training_json_without_boxes_is_refused_and_boxes_without_area_counted(tiny_rw, capsys):
+    root = tiny_rw["root"]
+    ann = root / "annotations" / "instances_train2017_base.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["bbox"][2] = 0  # no width: ignored, and counted
+    write_json(ann, data)
+    build_dataset("train", coco_args(root))
+    warning = f"annotation file {ann}: 1 box(es) with zero or negative width or height are ignored"
+    assert warning in capsys.readouterr().out
+    data["annotations"] = [a for a in data["annotations"] if a.get("iscrowd", 0)]
+    write_json(ann, data)
+    with pytest.raises(ValueError, match="no box to train on"):
+        build_dataset("train", coco_args(root))
+    build_dataset("val", coco_args(root))  # a val json may hold images without boxes
 
 
 def test_unreadable_image_file(tiny_rw):
@@ -450,16 +463,7 @@ def test_lvis_build_file_selection_and_missing_file(tiny, tmp_path):
         write_json(root / name, data)
     for split in ("train2017", "val2017"):
         shutil.copytree(tiny["root"] / split, root / split)
-    base = dict(
-        dataset_file="lvis",
-        lvis_path=str(root),
-        label_version="",
-        no_target_eval=False,
-        label_map=False,
-        repeat_factor_sampling=False,
-        repeat_threshold=0.001,
-        backbone="clip_RN50",
-    )
+    base = dict(dataset_file="lvis", lvis_path=str(root), backbone="clip_RN50")
     cases = [
         ("train", {}, "lvis_v1_train_norare.json"),
         ("train", {"label_version": "RN50x4base"}, "lvis_v1_train_norare_relabel.json"),
@@ -467,13 +471,13 @@ def test_lvis_build_file_selection_and_missing_file(tiny, tmp_path):
         ("val", {"no_target_eval": True}, "lvis_v1_val_norare.json"),
     ]
     for image_set, kwargs, name in cases:
-        ds = build_dataset(image_set, argparse.Namespace(**(base | kwargs)))
+        ds = build_dataset(image_set, parsed_args(**(base | kwargs)))
         assert isinstance(ds, LvisDetection) and ds.ann_file.name == name
     image, target = ds[0]
     assert image.ndim == 3 and target["boxes"].max() <= 1.0
     (root / "lvis_v1_val.json").unlink()
     with pytest.raises(FileNotFoundError, match="lvis_v1_val.json"):
-        build_dataset("val", argparse.Namespace(**base))
+        build_dataset("val", parsed_args(**base))
 
 
 # ----------------------------------------------------------------------------- repeat-factor sampling
@@ -498,17 +502,10 @@ def test_lvis_repeat_factors_use_the_originals_effective_threshold(tiny, tmp_pat
         {"id": 4, "image_id": 285, "category_id": 1, "bbox": [2, 2, 5, 5], "area": 25.0},
     ]
     write_json(tmp_path / "lvis_v1_train_norare.json", data)
+    for split in ("train2017", "val2017"):
+        (tmp_path / split).symlink_to(tiny["root"] / split)
     n = len(data["images"])  # 10
-    args = argparse.Namespace(
-        dataset_file="lvis",
-        lvis_path=str(tmp_path),
-        label_version="",
-        no_target_eval=False,
-        label_map=False,
-        repeat_factor_sampling=True,
-        repeat_threshold=0.001,
-        backbone="clip_RN50",
-    )
+    args = parsed_args("--dataset_file", "lvis", "--lvis_path", str(tmp_path), "--repeat_factor_sampling")
     ds = build_dataset("train", args)
     # t is 1 (the original passes `repeat_threshold and image_set == 'train'`, i.e. True):
     # r(1) = sqrt(1 / (2.001 / 10)) = 2.2355..., r(3) = sqrt(1 / (1.001 / 10)) = 3.1607...

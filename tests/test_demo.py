@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 import demo
+from datasets.coco_ovd import COCO_OVD_CATEGORIES, COCO_OVD_CATEGORY_IDS
 from models.predictor import Predictor
-from models.prematch import COCO_OVD_CATEGORIES
 from tests import golden
-from tests.test_predictor import _checkpoint, _cut_queries
+from tests.conftest import HANG_GUARD_S
+from tests.helpers import cut_queries, golden_checkpoint_copy
 from tests.tiny_coco import make_tiny_coco
 from util.checkpoint import save_checkpoint
 
@@ -34,7 +35,7 @@ def _private_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "small.pth"
-    save_checkpoint(_checkpoint(_cut_queries), path)
+    save_checkpoint(golden_checkpoint_copy(cut_queries), path)
     return path
 
 
@@ -43,7 +44,7 @@ def _run_demo_sh(args, env_extra, cwd):
     env.update(env_extra)
     env["PYTHON"] = sys.executable
     return subprocess.run(["bash", os.path.join(ROOT, "demo.sh"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def test_demo_sh_without_checkpoint_says_what_is_missing(tmp_path):
@@ -86,7 +87,7 @@ def test_collect_inputs(tmp_path):
 def test_vocabulary_choice(tmp_path):
     parse = demo.get_parser().parse_args
     names, ids, novel = demo.choose_vocabulary(parse([]))
-    assert names == list(COCO_OVD_CATEGORIES) and ids == list(demo.COCO_OVD_CATEGORY_IDS) and novel is None
+    assert names == list(COCO_OVD_CATEGORIES) and ids == list(COCO_OVD_CATEGORY_IDS) and novel is None
     names, ids, _ = demo.choose_vocabulary(parse(["--custom_vocabulary", " cat, remote  control,,cat,"]))
     assert names == ["cat", "remote control"] and ids is None
     with pytest.raises(demo.DemoError, match="use one of them"):
@@ -95,6 +96,9 @@ def test_vocabulary_choice(tmp_path):
         demo.choose_vocabulary(parse(["--vocabulary", "custom"]))
     with pytest.raises(demo.DemoError, match=r"--custom_vocabulary ' , ': .*at least one name"):
         demo.choose_vocabulary(parse(["--custom_vocabulary", " , "]))
+    # an empty list given on purpose is an error, not the COCO vocabulary
+    with pytest.raises(demo.DemoError, match=r"needs --custom_vocabulary .*given: ''"):
+        demo.choose_vocabulary(parse(["--custom_vocabulary", ""]))
     with pytest.raises(demo.DemoError, match="pass --lvis_json /path/to/lvis_v1_val.json"):
         demo.choose_vocabulary(parse(["--vocabulary", "lvis"]))
     lvis = tmp_path / "lvis.json"
@@ -111,7 +115,7 @@ def test_vocabulary_choice(tmp_path):
 def test_coco_category_ids_are_the_ovd_jsons():
     cats = sorted(golden.load_json("ovd_eval/gt.json")["categories"], key=lambda c: c["id"])
     assert [c["name"] for c in cats] == list(COCO_OVD_CATEGORIES)
-    assert [c["id"] for c in cats] == list(demo.COCO_OVD_CATEGORY_IDS)
+    assert [c["id"] for c in cats] == list(COCO_OVD_CATEGORY_IDS)
 
 
 def test_annotate_draws_inside_the_image_and_only_near_boxes():
@@ -136,6 +140,7 @@ def test_annotate_draws_inside_the_image_and_only_near_boxes():
     assert len({demo.class_colour(i) for i in range(demo.PALETTE_SIZE)}) == demo.PALETTE_SIZE
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_matches_the_predictor(small_checkpoint, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -167,7 +172,7 @@ def test_demo_end_to_end_matches_the_predictor(small_checkpoint, tmp_path):
             assert row["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=1e-3)
             assert row["score"] == pytest.approx(float(score), abs=1e-6)
             assert row["category_name"] == name
-            assert row["category_id"] == demo.COCO_OVD_CATEGORY_IDS[int(label)]
+            assert row["category_id"] == COCO_OVD_CATEGORY_IDS[int(label)]
         original = Image.open(path).convert("RGB")
         written = Image.open(out / f"{os.path.splitext(os.path.basename(path))[0]}.png")
         assert written.size == original.size and written.mode == "RGB"

@@ -2,11 +2,12 @@
 import pytest
 import torch
 
-from engine import NonFiniteLossError, split_decision, train_one_epoch
+from engine import split_decision, train_one_epoch
 from models import build_model
 from tests import golden
 from util.nested_tensor import NestedTensor
 from util.optim import build_optimizer
+from util.run import NonFiniteLossError
 
 
 def test_split_iterations_are_the_originals():

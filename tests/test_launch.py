@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from tests import golden
-from tests.conftest import launch_environ
+from tests.conftest import HANG_GUARD_S, launch_environ
 from tests.tiny_coco import TRAIN_JSON, TRAIN_RELABEL_JSON, make_tiny_coco
 from util.checkpoint import load_checkpoint
 from util.dist import detect_dist_env, parse_first_host, port_from_job_id
@@ -80,7 +80,7 @@ def env_for(coco, **extra):
     return launch_environ(data_path=str(coco), OMP_NUM_THREADS="1", **extra)
 
 
-def run_config(repo, coco, *argv, config=CONFIG, env=None, timeout=240):
+def run_config(repo, coco, *argv, config=CONFIG, env=None, timeout=HANG_GUARD_S):
     proc = subprocess.run(["bash", config, *argv], cwd=repo, env=env or env_for(coco), capture_output=True,
                           text=True, timeout=timeout)
     tail = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -101,6 +101,7 @@ def console(output_dir):
 # local: torchrun, 2 CPU processes
 
 
+@pytest.mark.slow
 def test_local_two_processes_train_and_eval_parity(repo, coco):
     import main as cora_main
 
@@ -150,6 +151,7 @@ def test_local_two_processes_train_and_eval_parity(repo, coco):
     assert in_training == results_one
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_loss_and_update_of_one(tmp_path, coco):
     """`engine.train_one_epoch` under torchrun: 2 processes with one golden image each log the loss of 1 process
     with both, and take the same AdamW step (num_boxes averaged over ranks, DDP's gradient mean, reduced losses).
@@ -160,7 +162,8 @@ def test_two_processes_give_the_loss_and_update_of_one(tmp_path, coco):
     for n in (1, 2):
         out = tmp_path / f"world{n}.pth"
         proc = subprocess.run(["torchrun", "--standalone", f"--nproc_per_node={n}", "tests/dist_loss_worker.py",
-                               str(out)], cwd=ROOT, env=env_for(coco), capture_output=True, text=True, timeout=240)
+                               str(out)], cwd=ROOT, env=env_for(coco), capture_output=True, text=True,
+                              timeout=HANG_GUARD_S)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         results[n] = torch.load(out, weights_only=True)
         assert results[n]["world_size"] == n
@@ -214,6 +217,7 @@ def _wait_for(predicate, timeout, what, proc):
 
 @pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
                     reason="needs /proc/<pid>/task/<pid>/children to find the job's tasks")
+@pytest.mark.slow
 def test_submitit_local_preempted_job_requeues_and_resumes(coco, tmp_path):
     job_dir = tmp_path / "job"
     argv = [*config_flags(coco, job_dir), *tiny_overrides(), "--epochs", "2", "--eval_every_epoch", "100"]
@@ -223,12 +227,13 @@ def test_submitit_local_preempted_job_requeues_and_resumes(coco, tmp_path):
                             text=True)
     try:
         log_file = job_dir / "log.txt"
-        _wait_for(lambda: log_file.exists() and log_file.read_text().count("\n") >= 1, 180, "epoch 0", proc)
+        _wait_for(lambda: log_file.exists() and log_file.read_text().count("\n") >= 1, HANG_GUARD_S, "epoch 0",
+                  proc)
         # preempt: USR2 to task 0, as slurm signals before a preemption or the time limit
         tasks = [pid for controller in _children(proc.pid) for pid in _children(controller)]
         (rank0,) = [pid for pid in tasks if _environ(pid).get("SUBMITIT_LOCAL_GLOBALID") == "0"]
         os.kill(rank0, submitit_usr_sig())
-        output, _ = proc.communicate(timeout=180)
+        output, _ = proc.communicate(timeout=HANG_GUARD_S)
     finally:
         if proc.poll() is None:  # a failed run: stop the submission, its controller and its tasks
             for pid in [*_descendants(proc.pid), proc.pid]:
@@ -320,6 +325,7 @@ def test_slurm_submission_script(coco, tmp_path, fake_slurm, capsys, monkeypatch
     assert options["account"] == "abc" and options["mem"] == "64GB"
 
 
+@pytest.mark.slow
 def test_config_slurm_mode_passes_entry_quota_and_partition(repo, coco, fake_slurm):
     # region prompting's config sets entry=tools/region_prompt.py: the slurm header must submit that script
     proc = run_config(repo, coco, "rp", "16", "slurm", "reserved", "part1", "--model_path", "x.pt",
@@ -428,7 +434,7 @@ def test_load_entry():
 
 def test_cli_missing_separator():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "submit_slurm.py"), "--ngpus", "8"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+                          capture_output=True, text=True, cwd=ROOT, timeout=HANG_GUARD_S)
     assert proc.returncode == 2
     assert "error: --: missing: write `--` between" in proc.stderr
 

@@ -1,15 +1,18 @@
 """main.py end to end on a tiny COCO-OVD dataset of real image files and the golden miniature CLIP."""
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-import main as cora_main
 from tests import golden
+from tests.helpers import run_main
 from tests.tiny_coco import make_tiny_coco
 from util.checkpoint import load_checkpoint
 
-
+pytestmark = pytest.mark.slow  # launchers and several epochs: minutes
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
@@ -18,17 +21,7 @@ def coco_root(tmp_path_factory):
 
 
 def run(coco_root, output_dir, *extra):
-    argv = [
-        "--coco_path", str(coco_root), "--output_dir", str(output_dir), "--batch_size", "2", "--epochs", "1",
-        "--lr_drop", "35", "--backbone", "clip_RN50", "--model_path", golden.path("clip_tiny.pt"),
-        "--text_len", "15", "--ovd", "--region_prompt_path", golden.path("region_prompt_tiny.pth"),
-        "--dim_feedforward", "64", "--use_nms", "--num_queries", "30", "--anchor_pre_matching",
-        "--remove_misclassified", "--condition_on_text", "--enc_layers", "1", "--dec_layers", "2",
-        "--text_dim", "64", "--split_class_p", "0.5", "--model_ema", "--model_ema_decay", "0.9", "--save_best",
-        "--label_version", "RN50base", "--disable_init", "--target_class_factor", "8", "--num_workers", "0",
-        "--device", "cpu", *extra,
-    ]
-    return cora_main.main(cora_main.get_args_parser().parse_args(argv))
+    return run_main(coco_root, output_dir, *extra)
 
 
 def _log(output_dir):
@@ -66,3 +59,64 @@ def test_train_resume_and_evaluate(coco_root, tmp_path):
     # evaluating the written checkpoint reproduces the epoch's statistics
     stats = run(coco_root, tmp_path / "eval", "--eval", "--resume", str(straight / "checkpoint.pth"))
     assert stats == pytest.approx(_log(straight)[1]["test_coco_eval_bbox"], abs=1e-12)
+
+
+def test_evaluation_a_kill_interrupted_is_finished_on_resume(coco_root, tmp_path, monkeypatch):
+    """Killed after epoch 0's checkpoint.pth was written but during its evaluation: started again, the run
+    first evaluates and logs epoch 0, then goes on, exactly as an uninterrupted run."""
+    import main as cora_main
+
+    straight = tmp_path / "straight"
+    run(coco_root, straight, "--epochs", "2", "--split_class_p", "0")
+    killed = tmp_path / "killed"
+    original = cora_main.run_evaluation
+
+    def killed_during_evaluation(*args, **kwargs):
+        raise KeyboardInterrupt("killed while evaluating")
+
+    monkeypatch.setattr(cora_main, "run_evaluation", killed_during_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        run(coco_root, killed, "--epochs", "2", "--split_class_p", "0")
+    assert load_checkpoint(killed / "checkpoint.pth")["epoch"] == 0 and not (killed / "log.txt").exists()
+    monkeypatch.setattr(cora_main, "run_evaluation", original)
+    run(coco_root, killed, "--epochs", "2", "--split_class_p", "0")
+    assert [e["epoch"] for e in _log(killed)] == [0, 1]
+    for a, b in zip(_log(straight), _log(killed), strict=True):
+        assert a["test_coco_eval_bbox"] == pytest.approx(b["test_coco_eval_bbox"], abs=1e-12)
+        assert a["train_loss"] == b["train_loss"]
+    weights = load_checkpoint(straight / "checkpoint.pth")["model"]
+    for key, value in load_checkpoint(killed / "checkpoint.pth")["model"].items():
+        assert torch.equal(value, weights[key]), key
+
+
+def test_checkpoint_of_other_network_flags_is_refused(coco_root, tmp_path):
+    from util.checkpoint import CheckpointError
+
+    first = tmp_path / "first"
+    run(coco_root, first, "--split_class_p", "0")
+    ckpt = str(first / "checkpoint.pth")
+    cases = (("--nheads", "4", r"--nheads: checkpoint 8, this run 4"),
+             ("--text_len", "20", r"--text_len: checkpoint 15, this run 20"),
+             # trained with --epochs 1 (< 25: GroupNorm in input_proj, the original's accident), evaluated with 30
+             ("--epochs", "30", r"--epochs: the checkpoint's input_proj has GroupNorm .*this run's has none"))
+    for flag, value, message in cases:
+        with pytest.raises(CheckpointError, match=rf"--resume {ckpt} was trained with other network flags(.|\n)*"
+                                                  rf"{message}"):
+            run(coco_root, tmp_path / "eval", "--eval", "--resume", ckpt, flag, value)
+
+
+def test_command_line_errors_are_one_message(coco_root, tmp_path):
+    """`python main.py` with a bad flag or file: `main.py: error: ...` on stderr and exit status 1, no traceback."""
+    from tests.conftest import ROOT, launch_environ
+    from tests.helpers import main_argv
+
+    cases = (("--coco_path", str(tmp_path / "nowhere"), "--coco_path .*nowhere does not exist"),
+             ("--resume", str(tmp_path / "missing.pth"), "checkpoint .*missing.pth not found"),
+             ("--resume", golden.path("clip_tiny.pt"), "is a TorchScript archive .*given as --model_path"))
+    for flag, value, message in cases:
+        done = subprocess.run([sys.executable, "main.py", *main_argv(coco_root, tmp_path / "run"), flag, value],
+                              cwd=ROOT, env=launch_environ(), capture_output=True, text=True)
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr
+        [line] = [line for line in done.stderr.splitlines() if line.startswith("main.py: error:")]
+        assert re.search(message, line), line

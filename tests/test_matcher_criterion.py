@@ -1,12 +1,12 @@
 """Matcher and criterion without the model: the original's own outputs (../shared/golden) fed to our losses,
 plus hand-computed cases for the focal loss, the class-consistency removal and the degenerate batches."""
 
-import argparse
 import math
 
 import pytest
 import torch
 
+from models.config import ModelConfig
 from models.criterion import (
     SetCriterion,
     build_criterion,
@@ -21,19 +21,8 @@ TRAIN_FILES = ["train_step.pth", "train_step_split.pth", "train_step_empty_targe
 
 
 def _criterion(dec_layers: int = 3) -> SetCriterion:
-    args = argparse.Namespace(
-        set_cost_class=2.0,
-        set_cost_bbox=5.0,
-        set_cost_giou=2.0,
-        cls_loss_coef=2.0,
-        bbox_loss_coef=5.0,
-        giou_loss_coef=2.0,
-        focal_alpha=0.25,
-        dec_layers=dec_layers,
-        aux_loss=True,
-        remove_misclassified=True,
-    )
-    return build_criterion(args, build_matcher(args))
+    cfg = ModelConfig(dec_layers=dec_layers, remove_misclassified=True)
+    return build_criterion(cfg, build_matcher(cfg))
 
 
 def _rel_close(a: float, b: float, rel: float = 1e-4, abs_: float = 1e-6) -> bool:

@@ -7,9 +7,12 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import AttentionPool2d
 from torchvision.ops import roi_align
 
+from datasets.coco_ovd import BASE_CATIDS, COCO_OVD_CATEGORIES, COCO_OVD_NOVEL_INDICES, NOVEL_CATIDS, novel_indices_for
 from models.backbone import PositionEmbeddingSine, valid_sizes
 from models.clip import attention_pool
-from models.prematch import COCO_OVD_CATEGORIES, COCO_OVD_NOVEL_INDICES, efficient_region_embeddings, prematch_anchors
+from models.inference import detect
+from models.postprocess import PostProcess
+from models.prematch import efficient_region_embeddings, prematch_anchors, resolve_boost
 from models.region_head import detection_logits
 from util.nested_tensor import NestedTensor
 
@@ -126,7 +129,7 @@ def test_prematch_softmax_with_background_and_novel_boost():
     text[novel] = roi[0] * 0.99  # cos 0.99: softmax(100x) ratio e^-1 ≈ 0.37, x8 ≈ 2.9 > 1
     text = text
     plain = prematch_anchors(anchors, layer4, pool, text)
-    boosted = prematch_anchors(anchors, layer4, pool, text, boost_factor=8.0, boost_indices=COCO_OVD_NOVEL_INDICES)
+    boosted = prematch_anchors(anchors, layer4, pool, text, boost=resolve_boost(8.0, COCO_OVD_NOVEL_INDICES, 65))
     pos_plain = (plain.anchor_index[0] == 0).nonzero().item()
     pos_boost = (boosted.anchor_index[0] == 0).nonzero().item()
     assert plain.classes[0, pos_plain] == 0
@@ -151,14 +154,25 @@ def test_prematch_split_halves_see_complementary_classes():
         assert torch.equal(got, expect)
 
 
-def test_target_class_factor_needs_a_known_vocabulary():
-    from models.prematch import novel_indices_for
+def test_coco_ovd_split_is_the_originals():
+    """SPEC §2.2: the hard-coded novel label indices and the base / novel COCO id lists of the original."""
+    assert COCO_OVD_NOVEL_INDICES == (4, 5, 11, 12, 15, 16, 21, 23, 27, 29, 32, 34, 45, 47, 54, 58, 63)
+    assert sorted(NOVEL_CATIDS) == sorted((28, 21, 47, 6, 76, 41, 18, 63, 32, 36, 81, 22, 61, 87, 5, 17, 49))
+    assert sorted(BASE_CATIDS) == sorted((70, 2, 53, 7, 73, 57, 4, 79, 62, 74, 9, 38, 20, 19, 54, 85, 72, 27, 80, 51,
+                                          78, 15, 84, 55, 16, 59, 48, 34, 23, 86, 90, 50, 25, 31, 56, 82, 75, 42, 3,
+                                          65, 52, 60, 35, 1, 8, 44, 33, 24))
+    assert len(COCO_OVD_CATEGORIES) == 65 and COCO_OVD_CATEGORIES[63] == "scissors"
 
+
+def test_target_class_factor_needs_a_known_vocabulary():
     assert novel_indices_for(list(COCO_OVD_CATEGORIES)) == COCO_OVD_NOVEL_INDICES
     assert novel_indices_for(["cat", "dog"]) is None
-    pool, layer4, anchors, _ = _prematch_inputs(2)
-    with pytest.raises(ValueError, match="target_class_factor"):
-        prematch_anchors(anchors, layer4, pool, torch.randn(2, 4), boost_factor=8.0, boost_indices=None)
+    assert resolve_boost(1.0, None, 2) is None  # factor 1: no boost, whatever the vocabulary
+    with pytest.raises(ValueError, match="target_class_factor 8.0 boosts the novel classes"):
+        resolve_boost(8.0, None, 2, what="the val json x.json")
+    with pytest.raises(ValueError, match=r"novel indices \[5\] are not indices into"):
+        resolve_boost(8.0, [1, 5], 3)
+    assert resolve_boost(8.0, [1], 3).indices == (1,)
 
 
 def test_without_anchor_pre_matching_queries_are_class_agnostic():
@@ -179,14 +193,16 @@ def test_without_anchor_pre_matching_queries_are_class_agnostic():
             torch.manual_seed(1)  # the same dropout
             train_outs.append(model(images, categories=vocabulary))
         model.eval()
-        eval_outs = [model(images, categories=v) for v in vocabularies]
+        sizes = torch.tensor([[64, 96], [80, 64]])
+        eval_outs = [detect(model, images, v, postprocess=PostProcess(), target_sizes=sizes).outputs
+                     for v in vocabularies]
     for out in train_outs + eval_outs:
         assert "proposal_classes" not in out and all("proposal_classes" not in aux for aux in out["aux_outputs"])
         assert torch.equal(out["anchor_index"], torch.arange(out["anchor_index"].shape[1]).expand(2, -1))
     torch.testing.assert_close(train_outs[0]["pred_boxes"], train_outs[1]["pred_boxes"], rtol=0, atol=0)
     torch.testing.assert_close(train_outs[0]["pred_logits"], train_outs[1]["pred_logits"], rtol=0, atol=0)
     torch.testing.assert_close(eval_outs[0]["pred_boxes"], eval_outs[1]["pred_boxes"], rtol=0, atol=0)
-    assert eval_outs[0]["pred_logits"].shape[-1] == 2 and eval_outs[1]["pred_logits"].shape[-1] == 3
+    assert eval_outs[0]["class_logits"].shape[-1] == 2 and eval_outs[1]["class_logits"].shape[-1] == 3
     with pytest.raises(ValueError, match="split_class"):
         model.train()
         model(images, categories=vocabularies[0], split_class=True)

@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from datasets import ovd_eval
+from datasets.coco_ovd import BASE_CATIDS, NOVEL_CATIDS
 from datasets.ovd_eval import (
-    BASE_CATIDS,
-    NOVEL_CATIDS,
     STAT_NAMES,
     CocoOVDEvaluator,
     LvisEvaluator,
@@ -637,6 +636,7 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_group(tmp_path, _isolated_env):
     import json
 

@@ -6,7 +6,6 @@ batch of one, from `to_tensor` + normalise of `photos/*.png` without resizing; t
 caching use the same checkpoint cut to 30 queries (an architecture read off the state dict), which
 is ten times cheaper to run.
 """
-import argparse
 import os
 import warnings
 
@@ -15,35 +14,20 @@ import pytest
 import torch
 from PIL import Image
 
+from datasets.coco_ovd import COCO_OVD_CATEGORIES, COCO_OVD_NOVEL_INDICES
 from datasets.transforms import make_coco_transforms, resize, val_resize_hw
 from models.clip import TextClassifier
-from models.predictor import Predictor, load_rgb, normalize_vocabulary, resolve_device
-from models.prematch import COCO_OVD_CATEGORIES, COCO_OVD_NOVEL_INDICES
+from models.predictor import Predictor, load_rgb, normalize_vocabulary
+from models.prematch import NovelBoost
 from tests import golden
+from tests.helpers import cut_queries, golden_checkpoint_copy
 from util.checkpoint import save_checkpoint
+from util.device import resolve_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COFFEE_SAMPLE = os.path.join(ROOT, "assets", "samples", "coffee.png")
 PHOTOS = {"astronaut": "photos/astronaut_256x256.png", "coffee": "photos/coffee_224x336.png"}
 C65 = list(COCO_OVD_CATEGORIES)
-
-
-def _checkpoint(*weight_changes, args_change=None):
-    """A copy of checkpoint_tiny.pth (model, model_ema, args): each of `weight_changes` edits both
-    weight sets in place, `args_change` the stored args."""
-    ck = golden.load("checkpoint_tiny.pth")
-    out = {"args": argparse.Namespace(**vars(ck["args"])), "epoch": ck["epoch"]}
-    for key in ("model", "model_ema"):
-        out[key] = dict(ck[key])
-        for change in weight_changes:
-            change(out[key])
-    if args_change is not None:
-        args_change(out["args"])
-    return out
-
-
-def _cut_queries(weights, n=30):
-    weights["query_embed.weight"] = weights["query_embed.weight"][:n].clone()
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +38,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "small.pth"
-    save_checkpoint(_checkpoint(_cut_queries), path)
+    save_checkpoint(golden_checkpoint_copy(cut_queries), path)
     return path
 
 
@@ -143,11 +127,11 @@ def test_custom_vocabulary_gets_factor_1(golden_default):
 
 
 def test_boost_rules(golden_default):
-    assert golden_default.boost_for(tuple(C65)) == (8.0, COCO_OVD_NOVEL_INDICES)
-    assert golden_default.boost_for(("cat", "dog")) == (1.0, None)
-    assert golden_default.boost_for(tuple(C65[:64])) == (1.0, None)
-    assert golden_default.boost_for(("cat", "dog"), novel_indices=[1]) == (8.0, (1,))  # LVIS rare classes
-    with pytest.raises(ValueError, match=r"novel_indices \[2\]"):
+    assert golden_default.boost_for(tuple(C65)) == NovelBoost(8.0, COCO_OVD_NOVEL_INDICES)
+    assert golden_default.boost_for(("cat", "dog")) is None
+    assert golden_default.boost_for(tuple(C65[:64])) is None
+    assert golden_default.boost_for(("cat", "dog"), novel_indices=[1]) == NovelBoost(8.0, (1,))  # LVIS rare classes
+    with pytest.raises(ValueError, match=r"novel indices \[2\] are not indices into the vocabulary \(2 names\)"):
         golden_default.boost_for(("cat", "dog"), novel_indices=[2])
 
 
@@ -213,6 +197,40 @@ def test_image_modes_become_rgb(small_noresize):
     assert not torch.equal(dets[0].scores, dets[4].scores)  # gray really is another input
     assert all(d.image_size == (64, 96) and len(d) > 0 for d in dets)
     assert torch.allclose(dets[9].scores, dets[8].scores, atol=1e-6)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(small_noresize, tmp_path):
+    """A 16-bit grayscale PNG (mode I;16) reads as its 8-bit picture (value / 257), in the Predictor and in the
+    training loader, rather than Pillow's convert('RGB'), which clips every value above 255 to white."""
+    from datasets.coco import load_rgb_image
+
+    gray = Image.open(COFFEE_SAMPLE).convert("L").resize((96, 64), Image.BILINEAR)
+    wide = np.asarray(gray).astype(np.uint16) * 257  # the same picture on 16 bits
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(wide).save(path)
+    assert Image.open(path).mode.startswith("I")
+    for rgb in (load_rgb(path), load_rgb(Image.open(path)), load_rgb_image(path, image_id=1, ann_file="x.json")):
+        assert rgb.mode == "RGB" and np.array_equal(np.asarray(rgb)[..., 0], np.asarray(gray))
+    [from_file] = small_noresize.predict(str(path), C65)
+    [from_8bit] = small_noresize.predict(gray, C65)
+    assert torch.equal(from_file.scores, from_8bit.scores) and torch.equal(from_file.boxes, from_8bit.boxes)
+    floats = Image.fromarray(np.asarray(gray).astype(np.float32))
+    with pytest.raises(ValueError, match=r"image: a 32-bit floating-point image \(mode F\)"):
+        load_rgb(floats)
+
+
+def test_names_the_text_encoder_cuts(golden_factor1):
+    """Names longer than `text_len` (15 here) tokens are cut as the original cuts them: a warning naming them;
+    two names cut to the same tokens would share one embedding: an error."""
+    long_a = "a very long name of some sort of object seen in the kitchen of a house A"
+    long_b = long_a[:-1] + "B"
+    assert golden_factor1.truncated_names(["cat", long_a]) == [long_a]
+    image = Image.open(COFFEE_SAMPLE).convert("RGB").resize((96, 64), Image.BILINEAR)
+    with pytest.warns(UserWarning, match=r"1 class name\(s\) are cut to the model's 15 tokens .*kitchen"):
+        golden_factor1.predict(image, ["cat", long_a], max_detections=5)
+    with pytest.raises(ValueError, match=r"are cut to the same 15 tokens in every prompt and would get one "
+                                         r"embedding"):
+        golden_factor1.predict(image, ["cat", long_a, long_b], max_detections=5)
 
 
 def test_threshold_and_max_detections(small_noresize):
@@ -288,7 +306,7 @@ def test_ema_weights_and_stored_args(small_checkpoint, small, cache_dir):
 
 def test_bare_state_dict_uses_parser_defaults(tmp_path, cache_dir):
     weights = dict(golden.load("checkpoint_tiny.pth")["model_ema"])
-    _cut_queries(weights)
+    cut_queries(weights)
     path = tmp_path / "bare.pth"
     torch.save(weights, path)
     p = Predictor.from_checkpoint(path, cache_dir=cache_dir)
@@ -303,10 +321,13 @@ def test_detector_only_checkpoint_needs_the_clip_archive_and_region_prompt(tmp_p
             del w[k]
 
     path = tmp_path / "detector_only.pth"
-    save_checkpoint(_checkpoint(strip), path)
-    with pytest.raises(ValueError, match="clip_archive=/path/to/RN50.pt"):
+    save_checkpoint(golden_checkpoint_copy(strip), path)
+    # the messages name both ways to give the file: the Python argument and the command-line flag
+    with pytest.raises(ValueError, match=r"holds no CLIP weights .*\(Predictor: clip_archive=, command line: "
+                                         r"--model_path\)"):
         Predictor.from_checkpoint(path, cache_dir=cache_dir)
-    with pytest.raises(ValueError, match="logs/region_prompt_R50.pth: pass region_prompt="):
+    with pytest.raises(ValueError, match=r"logs/region_prompt_R50.pth: give that file \(Predictor: region_prompt=, "
+                                         r"command line: --region_prompt_path\)"):
         Predictor.from_checkpoint(path, clip_archive=golden.path("clip_tiny.pt"), cache_dir=cache_dir)
     p = Predictor.from_checkpoint(path, clip_archive=golden.path("clip_tiny.pt"),
                                   region_prompt=golden.path("region_prompt_tiny.pth"), cache_dir=cache_dir)
@@ -362,8 +383,8 @@ def test_disk_cache_is_invalidated_by_weights_and_text_len(small_checkpoint, tmp
     base = Predictor.from_checkpoint(small_checkpoint, cache_dir=tmp_path)
     reference = base.text_embeddings(["cat"])
     paths = {}
-    for name, checkpoint in (("weights", _checkpoint(_cut_queries, nudge)),
-                             ("text_len", _checkpoint(_cut_queries, args_change=longer))):
+    for name, checkpoint in (("weights", golden_checkpoint_copy(cut_queries, nudge)),
+                             ("text_len", golden_checkpoint_copy(cut_queries, args_change=longer))):
         paths[name] = tmp_path / f"{name}.pth"
         save_checkpoint(checkpoint, paths[name])
     calls_before = len(text_tower_calls)
@@ -396,7 +417,7 @@ def test_image_scale_comes_from_the_stored_args(tmp_path, cache_dir):
     """A run trained with --image_scale (the toy world's 0.32) is served at that scale: the val resize's
     800 / 1333 become 256 / 427; an explicit image_scale overrides the stored one."""
     path = tmp_path / "scaled.pth"
-    save_checkpoint(_checkpoint(_cut_queries, args_change=lambda a: setattr(a, "image_scale", 0.32)), path)
+    save_checkpoint(golden_checkpoint_copy(cut_queries, args_change=lambda a: setattr(a, "image_scale", 0.32)), path)
     p = Predictor.from_checkpoint(path, cache_dir=cache_dir)
     assert p.image_scale == 0.32
     tensor, size = p.preprocess(COFFEE_SAMPLE)

@@ -16,10 +16,12 @@ import torchvision
 from torch import nn
 from torchvision.ops import nms
 
-from models import build_cora, build_model
+from datasets.coco_ovd import COCO_OVD_NOVEL_INDICES
+from models import ModelConfig, build_cora, build_model
 from models.clip import read_clip_archive, resolve_archive_path
-from models.criterion import class_agnostic_targets
+from models.inference import detect
 from models.postprocess import SCORE_THRESHOLD, PostProcess
+from models.prematch import resolve_boost
 from models.pruned_eval import (
     FILL_LOGIT,
     PruneSpec,
@@ -257,59 +259,53 @@ class _FixedText(nn.Module):
         return self.text[: len(categories)]
 
 
-def _compare(model, post, samples, categories, sizes, targets=None, criterion=None):
-    """Full and pruned forward of the same model; returns (pruned outputs, full outputs)."""
-    with torch.no_grad():
-        model.prune_eval = PruneSpec.for_postprocess(post, prune=False)
-        full = model(samples, categories=categories)
-        model.prune_eval = PruneSpec.for_postprocess(post)
-        pruned = model(samples, categories=categories)
+def _compare(model, post, samples, categories, sizes, boost=None):
+    """`detect` with and without pruning on the same model; returns (pruned outputs, full outputs)."""
+    full_detected = detect(model, samples, categories, postprocess=post, target_sizes=sizes, boost=boost, prune=False)
+    pruned_detected = detect(model, samples, categories, postprocess=post, target_sizes=sizes, boost=boost)
+    full, pruned = full_detected.outputs, pruned_detected.outputs
     assert full["scored_queries"].all()
     for key in ("pred_boxes", "proposal_classes", "anchor_index"):
         assert torch.equal(full[key], pruned[key]), key
     scored = pruned["scored_queries"]
     assert scored.dtype == torch.bool and scored.shape == full["pred_boxes"].shape[:2]
-    assert (pruned["pred_logits"][~scored] == FILL_LOGIT).all()
-    assert torch.equal(full["pred_logits"][scored], pruned["pred_logits"][scored])
-    _assert_same_detections(post(full, sizes), post(pruned, sizes))
-    if criterion is not None:  # engine.evaluate's logging pass runs on the pruned outputs
-        losses = criterion(pruned, class_agnostic_targets(targets))
-        assert all(torch.isfinite(v).all() for v in losses.values())
-    return pruned, full
+    assert (pruned["class_logits"][~scored] == FILL_LOGIT).all()
+    assert torch.equal(full["class_logits"][scored], pruned["class_logits"][scored])
+    _assert_same_detections(full_detected.results, pruned_detected.results)
+    return pruned_detected, full_detected
 
 
 @pytest.fixture(scope="module")
 def tiny():
     args = golden.model_args()
-    model, criterion, post = build_model(args)
+    model, _, post = build_model(args)
     model.load_state_dict(pick_weights(golden.load("checkpoint_tiny.pth"), use_ema=True), strict=True)
-    return model.eval(), post["bbox"], criterion
+    return model.eval(), post["bbox"]
 
 
-def _golden_targets(inputs):
-    return [{"boxes": t["boxes"], "labels": t["labels_eval"]} for t in inputs["targets"]]
+def _boost(factor):
+    return resolve_boost(factor, COCO_OVD_NOVEL_INDICES, 65)
 
 
 @pytest.mark.parametrize("factor", [8.0, 1.0])
 def test_golden_batch_pruned_equals_full(tiny, factor):
-    model, post, criterion = tiny
+    model, post = tiny
     inputs = golden.load("inputs.pth")
-    model.target_class_factor = factor
     sizes = torch.stack([t["orig_size"] for t in inputs["targets"]])
     pruned, _ = _compare(model, post, NestedTensor(inputs["batch"], inputs["mask"]), inputs["eval_categories"], sizes,
-                         _golden_targets(inputs), criterion)
+                         _boost(factor))
     # the golden file's detections, too (same check as tests/test_model_golden.py, on the pruned path)
     ref = golden.load(f"eval_tcf{int(factor)}.pth")
-    for res, ref_res in zip(post(pruned, sizes), ref["results"], strict=True):
+    for res, ref_res in zip(pruned.results, ref["results"], strict=True):
         assert torch.equal(res["labels"], ref_res["labels"])
         assert ((res["scores"] - ref_res["scores"]).abs() <= 1e-5 + 1e-4 * ref_res["scores"]).all()
 
 
 @pytest.mark.parametrize("photo", [0, 1])
 def test_golden_single_images_pruned_equals_full(tiny, photo):
-    model, post, _ = tiny
+    model, post = tiny
     inputs = golden.load("inputs.pth")
-    model.target_class_factor = 1.0  # the coffee photo has an NMS pair 5e-5 from the threshold here
+    # factor 1: the coffee photo has an NMS pair 5e-5 from the threshold here
     image = inputs["images"][photo][None]
     samples = NestedTensor(image, torch.zeros(1, *image.shape[-2:], dtype=torch.bool))
     _compare(model, post, samples, inputs["eval_categories"], torch.tensor([image.shape[-2:]]))
@@ -319,21 +315,20 @@ def test_golden_single_images_pruned_equals_full(tiny, photo):
 def test_golden_weights_with_trained_like_scores_prune(tiny, factor):
     """The golden model with spread objectness and separated text features: scoring stops early and the
     detections are still those of the full path (LVIS's 300 and no-NMS top-K too)."""
-    model, post, criterion = tiny
+    model, post = tiny
     inputs = golden.load("inputs.pth")
     gen = torch.Generator().manual_seed(5)
     head, classifier = model.objectness_embed, model.classifier
     model.objectness_embed = _SpreadObjectness(head, torch.randn(300, generator=gen) * 2.5 - 4.0)
     model.classifier = _FixedText(nn.functional.normalize(torch.randn(65, 64, generator=gen), dim=-1))
-    model.target_class_factor = factor
     try:
         sizes = torch.stack([t["orig_size"] for t in inputs["targets"]])
         samples = NestedTensor(inputs["batch"], inputs["mask"])
         for p in (post, PostProcess(max_detections=300), PostProcess(use_nms=False)):
-            pruned, _ = _compare(model, p, samples, inputs["eval_categories"], sizes, _golden_targets(inputs),
-                                 criterion)
+            pruned, _ = _compare(model, p, samples, inputs["eval_categories"], sizes, _boost(factor))
+            scored = pruned.outputs["scored_queries"]
             if p is post:  # with 300 queries and K = 100 much of the batch still needs scoring
-                assert pruned["scored_queries"].float().mean() < 0.8, pruned["scored_queries"].sum(1)
+                assert scored.float().mean() < 0.8, scored.sum(1)
     finally:
         model.objectness_embed, model.classifier = head, classifier
 
@@ -353,7 +348,7 @@ def tiny_architecture():
 def test_random_weights_pruned_equals_full(tiny_architecture, queries, shapes, spread):
     torch.manual_seed(queries)
     args = golden.model_args(num_queries=queries, enc_layers=1, dec_layers=2)
-    model = build_cora(args, tiny_architecture).eval()  # random CLIP and detector weights
+    model = build_cora(ModelConfig.from_args(args), tiny_architecture).eval()  # random CLIP and detector weights
     if spread:
         model.objectness_embed = _SpreadObjectness(model.objectness_embed, torch.randn(queries) * 2.5 - 4.0)
         model.classifier = _FixedText(nn.functional.normalize(torch.randn(65, 64), dim=-1))
@@ -363,35 +358,36 @@ def test_random_weights_pruned_equals_full(tiny_architecture, queries, shapes, s
     pruned, _ = _compare(model, PostProcess(), images, categories, sizes)
     _compare(model, PostProcess(use_nms=False), images, categories, sizes)
     if spread:  # queries whose objectness bound is below 0.001 are never scored
-        assert (pruned["scored_queries"].sum(1) < queries).all()
+        assert (pruned.outputs["scored_queries"].sum(1) < queries).all()
 
 
 # --------------------------------------------------------------------------- main.py
 
 
+@pytest.mark.slow
 def test_main_eval_same_stats_with_and_without_pruning(tmp_path, monkeypatch):
-    from tests.test_main_e2e import run
+    from tests.helpers import run_main
     from tests.tiny_coco import make_tiny_coco
 
     coco = tmp_path / "coco"
     make_tiny_coco(coco)
     calls = []
-    import models.detector
+    import models.inference
 
-    original = models.detector.pruned_detection_logits
+    original = models.inference.pruned_detection_logits
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
         calls.append((kwargs["spec"].prune, out[1].float().mean().item()))
         return out
 
-    monkeypatch.setattr(models.detector, "pruned_detection_logits", spy)
+    monkeypatch.setattr(models.inference, "pruned_detection_logits", spy)
     stats = {}
     results = {}
     for mode, extra in (("pruned", ()), ("full", ("--no_prune_eval",))):
         calls.clear()
         out = tmp_path / mode
-        stats[mode] = run(coco, out, "--eval", "--num_queries", "200", *extra)
+        stats[mode] = run_main(coco, out, "--eval", "--num_queries", "200", *extra)
         results[mode] = json.loads((out / "results_bbox.json").read_text())
         assert calls, "--eval did not score regions"
         if mode == "pruned":

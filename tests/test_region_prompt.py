@@ -10,9 +10,12 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 import tools.region_prompt as rp
-from datasets.ovd_eval import NOVEL_CATIDS
+from datasets.coco_ovd import NOVEL_CATIDS
+from datasets.transforms import make_coco_transforms
 from models import build_model
 from models.clip import build_text_classifier, load_region_prompt, read_clip_archive
+from models.inference import detect
+from models.postprocess import PostProcess
 from tests import golden
 from tests.tiny_coco import make_tiny_coco
 from util.checkpoint import load_checkpoint
@@ -121,7 +124,8 @@ def test_one_epoch_lowers_the_loss_and_trains_only_the_prompt(clip, coco):
     model = rp.build_region_classifier(arch, sd, trainable_prompt=True)
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
     # a fixed batch: every training image with its boxes, val transform (deterministic)
-    val_set = rp.build_split(coco["root"], "small_train.json", "train2017", "val", flag="--train_json")
+    args = rp.get_args_parser().parse_args(["--coco_path", str(coco["root"]), "--train_json", "small_train.json"])
+    val_set = rp.open_boxes(args, "train", make_coco_transforms("val", clip_normalisation=True))
     text = rp.text_embeddings(build_text_classifier(arch, 25, sd), val_set.category_list)
     items = [val_set[i] for i in rp.images_with_boxes(val_set)]
     samples, targets = collate_fn(items)
@@ -134,7 +138,7 @@ def test_one_epoch_lowers_the_loss_and_trains_only_the_prompt(clip, coco):
             return rp.region_prompt_loss(rp.region_logits(model.embed(layer3, boxes), text), labels).item()
 
     loss_before = fixed_batch_loss()
-    train_set = rp.build_split(coco["root"], "small_train.json", "train2017", "train", flag="--train_json")
+    train_set = rp.build_split(args, "train")
     sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=42)
     loader = DataLoader(train_set, batch_sampler=BatchSampler(sampler, 1, drop_last=True), collate_fn=collate_fn)
     # lr 1e-3 instead of 1e-4: two AdamW steps of 1e-4 barely move a random miniature CLIP
@@ -224,13 +228,13 @@ def test_exported_prompt_changes_the_localizer(trained):
         args = golden.model_args(region_prompt_path=prompt_path, num_queries=30, target_class_factor=1.0)
         model, _, _ = build_model(args)
         model.eval()
-        with torch.no_grad():
-            outputs.append(model(image, categories=inputs["eval_categories"][:8]))
+        outputs.append(detect(model, image, inputs["eval_categories"][:8], postprocess=PostProcess(),
+                              target_sizes=torch.tensor([[256, 256]])).outputs)
         weights.append(model.state_dict())
     key = "backbone.0.attn_pool.positional_embedding"
     assert torch.equal(weights[0][key], torch.load(path, weights_only=True)["attnpool.positional_embedding"])
     assert [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])] == [key]
-    assert (outputs[0]["pred_logits"] - outputs[1]["pred_logits"]).abs().max() > 1e-3
+    assert (outputs[0]["class_logits"] - outputs[1]["class_logits"]).abs().max() > 1e-3
 
 
 def test_errors_name_the_flag(coco, tmp_path):

@@ -12,6 +12,7 @@ import tools.relabel as rl
 from datasets.transforms import make_coco_transforms
 from models.clip import load_region_prompt, read_clip_archive
 from tests import golden
+from tests.conftest import HANG_GUARD_S
 from tests.tiny_coco import TRAIN_JSON, TRAIN_RELABEL_JSON, VAL_JSON, make_tiny_coco
 from tools.region_prompt import ShardSampler, build_region_classifier
 from util.checkpoint import load_checkpoint
@@ -46,7 +47,7 @@ def _box_embeddings(info):
     arch, sd = read_clip_archive(golden.path("clip_tiny.pt"))
     prompt = load_region_prompt(golden.path("region_prompt_tiny.pth"), arch)
     model = build_region_classifier(arch, sd, region_prompt=prompt).eval()
-    dataset = rl.AnnotatedBoxes(img_folder=info["image_dirs"]["train"], ann_file=info["ann_files"]["train_base"],
+    dataset = rl.AnnotatedCocoBoxes(img_folder=info["image_dirs"]["train"], ann_file=info["ann_files"]["train_base"],
                                 transforms=make_coco_transforms("val", clip_normalisation=True))
     out = []
     for index in range(len(dataset)):
@@ -168,11 +169,12 @@ def test_shards_cover_every_image_once():
 def _pipeline(workdir, env):
     start = time.time()
     out = subprocess.run(["bash", "tools/reproduce_coco.sh", "R50", "1", "tiny"], cwd=workdir, env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return out.stdout, time.time() - start
 
 
+@pytest.mark.slow
 def test_pipeline_runs_three_stages_then_skips_them(tmp_path):
     # one training image (two boxes) keeps the three stages at one iteration each
     info = _small_coco(tmp_path / "coco", train_ids={785}, val_ids={397133})

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from datasets import build_dataset, get_coco_api_from_dataset
-from datasets.ovd_eval import BASE_CATIDS, NOVEL_CATIDS, CocoOVDEvaluator, ovd_split
+from datasets.coco_ovd import BASE_CATIDS, NOVEL_CATIDS
+from datasets.ovd_eval import CocoOVDEvaluator, ovd_split
 from models.clip import build_text_classifier, build_visual, read_clip_archive, visual_state_dict
+from tests.helpers import toy_dataset_args
 from tools.toy import world
 from tools.toy.clip_export import ToyCLIP, ToyCLIPConfig, export_archive, load_state_into
 from tools.toy.make_dataset import image_rng, make_dataset
@@ -40,11 +42,6 @@ def toy(tmp_path_factory) -> Path:
     return root
 
 
-def _args(root: Path) -> argparse.Namespace:
-    return argparse.Namespace(dataset_file="coco", coco_path=str(root), ovd=True, label_version="", eval_target=False,
-                              backbone="clip_RN50")
-
-
 def test_generator_is_deterministic_per_seed(toy, tmp_path):
     again, other = tmp_path / "again", tmp_path / "other"
     make_dataset(out=again, seed=0, **{**SMALL, "workers": 2})  # the worker count must not matter
@@ -58,7 +55,7 @@ def test_generator_is_deterministic_per_seed(toy, tmp_path):
 
 
 def test_jsons_load_through_the_ovd_loader(toy):
-    train, val = build_dataset("train", _args(toy)), build_dataset("val", _args(toy))
+    train, val = build_dataset("train", toy_dataset_args(toy)), build_dataset("val", toy_dataset_args(toy))
     assert train.category_list == list(world.BASE_NAMES)
     assert val.category_list == list(world.CLASS_NAMES)
     base_ids = {c.id for c in world.CLASSES if c.split == "base"}
@@ -75,7 +72,7 @@ def test_jsons_load_through_the_ovd_loader(toy):
 
 
 def test_evaluator_uses_the_json_split_and_keeps_coco_s(toy):
-    val = build_dataset("val", _args(toy))
+    val = build_dataset("val", toy_dataset_args(toy))
     evaluator = CocoOVDEvaluator(get_coco_api_from_dataset(val), val.label2catid, verbose=False)
     # ground truth as detections: every class present scores AP50 100
     for image_id in val.ids:
@@ -175,6 +172,7 @@ def four_class_crops(seed: int, count: int) -> tuple[torch.Tensor, list[str], li
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous(), captions, regions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("region_pairs", [False, True])
 def test_short_clip_training_lowers_the_contrastive_loss(region_pairs):
     images, captions, regions = four_class_crops(0, 48)

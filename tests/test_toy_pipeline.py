@@ -23,11 +23,12 @@ import pytest
 import torch
 
 import demo
-from tests.conftest import launch_environ
-from tests.test_toy import _args
+from tests.conftest import HANG_GUARD_S, launch_environ
+from tests.helpers import toy_dataset_args
 from tools.toy.make_dataset import make_dataset
 from tools.toy.world import CLASS_NAMES
 
+pytestmark = pytest.mark.slow  # launchers and several epochs: minutes
 ROOT = Path(__file__).resolve().parents[1]
 FRESH_VAL_IMAGES = 200
 
@@ -44,7 +45,7 @@ def test_bundled_model_finds_novel_classes_in_an_unseen_world(fresh_world, tmp_p
     from datasets.ovd_eval import CocoOVDEvaluator
     from models.predictor import Predictor
 
-    val = build_dataset("val", _args(fresh_world))
+    val = build_dataset("val", toy_dataset_args(fresh_world))
     assert val.category_list == list(CLASS_NAMES)
     predictor = Predictor.from_checkpoint(demo.TOY_CHECKPOINT, clip_archive=demo.TOY_CLIP,
                                           region_prompt=demo.TOY_PROMPT, device="cpu", disk_cache=False)
@@ -71,7 +72,7 @@ def test_demo_sh_without_arguments_runs_the_bundled_model(tmp_path):
     if demo.DEFAULT_CHECKPOINT.exists():
         pytest.skip(f"{demo.DEFAULT_CHECKPOINT} exists: demo.sh runs it instead of the bundled model")
     proc = subprocess.run(["bash", str(ROOT / "demo.sh")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "bundled miniature model" in proc.stdout
     samples = sorted(demo.TOY_SAMPLES_DIR.iterdir())
@@ -90,7 +91,7 @@ def test_shortened_pipeline_runs_every_stage(repo, tmp_path):
                          PROMPT_ARGS="--epochs 1",
                          LOCALIZER_ARGS="--epochs 1 --eval_every_epoch 1 --num_queries 30")
     proc = subprocess.run(["bash", "tools/toy/run_all.sh"], cwd=view, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     world = tmp_path / "world"
     clip_report = json.loads((world / "clip_toy.json").read_text())
@@ -119,5 +120,5 @@ def test_shortened_pipeline_runs_every_stage(repo, tmp_path):
     assert list(times) == ["world", "clip", "region_prompt", "relabel", "localizer"]
 
     again = subprocess.run(["bash", "tools/toy/run_all.sh"], cwd=view, env=env, capture_output=True, text=True,
-                           timeout=120)
+                           timeout=HANG_GUARD_S)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 5, again.stdout[-2000:]

@@ -27,20 +27,21 @@ def _target(boxes, labels=None, size_hw=None) -> dict:
 # ----------------------------------------------------------------------------- golden: val transform
 
 
-@pytest.mark.parametrize(
-    "case", golden.load_json("transforms.json")["cases"], ids=lambda c: "x".join(map(str, c["orig_hw"]))
-)
-def test_val_resize_size_matches_original(case):
-    h, w = case["orig_hw"]
-    assert T.val_resize_hw(h, w) == tuple(case["val_hw"])
-    image = Image.new("RGB", (w, h), (10, 20, 30))
-    out, target = T.make_coco_transforms("val", clip_normalisation=True)(
-        image, _target([[0, 0, w, h]], size_hw=[h, w])
-    )
-    assert tuple(out.shape) == (3, *case["val_hw"])
-    assert target["size"].tolist() == case["val_hw"]
-    # The whole-image box stays the whole image in normalised cxcywh.
-    torch.testing.assert_close(target["boxes"], torch.tensor([[0.5, 0.5, 1.0, 1.0]]))
+def test_val_resize_size_matches_original():
+    """Every input size of the golden transforms.json (read here, not when the module is imported)."""
+    for case in golden.load_json("transforms.json")["cases"]:
+        h, w = case["orig_hw"]
+        what = f"input {h}x{w}"
+        assert T.val_resize_hw(h, w) == tuple(case["val_hw"]), what
+        image = Image.new("RGB", (w, h), (10, 20, 30))
+        out, target = T.make_coco_transforms("val", clip_normalisation=True)(
+            image, _target([[0, 0, w, h]], size_hw=[h, w])
+        )
+        assert tuple(out.shape) == (3, *case["val_hw"]), what
+        assert target["size"].tolist() == case["val_hw"], what
+        # The whole-image box stays the whole image in normalised cxcywh.
+        torch.testing.assert_close(target["boxes"], torch.tensor([[0.5, 0.5, 1.0, 1.0]]),
+                                   msg=lambda m, what=what: f"{what}: {m}")
 
 
 def test_val_resize_parameters_match_golden():

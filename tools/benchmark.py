@@ -48,14 +48,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from datasets.ovd_eval import BASE_CATIDS, NOVEL_CATIDS, CocoOVDEvaluator  # noqa: E402
-from models import build_cora  # noqa: E402
+from datasets.coco_ovd import BASE_CATIDS, COCO_OVD_CATEGORIES, COCO_OVD_TABLE, NOVEL_CATIDS  # noqa: E402
+from datasets.ovd_eval import CocoOVDEvaluator  # noqa: E402
+from models import ModelConfig, build_cora  # noqa: E402
 from models.assignment import torch_assignment  # noqa: E402
 from models.clip import KNOWN_ARCHITECTURES  # noqa: E402
 from models.criterion import class_agnostic_targets  # noqa: E402
+from models.inference import detect  # noqa: E402
 from models.matcher import MASKED_COST, HungarianMatcher, scipy_assignment  # noqa: E402
 from models.postprocess import PostProcess  # noqa: E402
-from models.pruned_eval import PruneSpec  # noqa: E402
 from util.nested_tensor import NestedTensor  # noqa: E402
 
 CONFIGS = {name: ROOT / "configs" / "COCO" / f"{name}_dab_ovd_3enc_apm128_splcls0.2_relabel_noinit.sh"
@@ -126,31 +127,53 @@ def random_model(name: str, **overrides) -> tuple[nn.Module, argparse.Namespace]
         setattr(args, key, value)
     arch = KNOWN_ARCHITECTURES["RN50" if name == "R50" else "RN50x4"]
     torch.manual_seed(0)
-    return build_cora(args, arch), args
+    return build_cora(ModelConfig.from_args(args), arch), args
 
 
 def toy_case():
     """The bundled toy-world model (assets/toy, `bash demo.sh`'s default) on the bundled toy scenes, preprocessed
     as its training run (val resize at its --image_scale): (model, samples, categories, sizes)."""
-    import demo
+    import demo_inputs
     from models.predictor import Predictor
-    from tools.toy.world import CLASS_NAMES
     from util.nested_tensor import nested_tensor_from_tensor_list
 
-    predictor = Predictor.from_checkpoint(demo.TOY_CHECKPOINT, clip_archive=demo.TOY_CLIP,
-                                          region_prompt=demo.TOY_PROMPT, device="cpu", disk_cache=False)
-    prepared = [predictor.preprocess(path) for path in sorted(demo.TOY_SAMPLES_DIR.iterdir())]
+    predictor = Predictor.from_checkpoint(demo_inputs.TOY_CHECKPOINT, clip_archive=demo_inputs.TOY_CLIP,
+                                          region_prompt=demo_inputs.TOY_PROMPT, device="cpu", disk_cache=False)
+    prepared = [predictor.preprocess(path) for path in sorted(demo_inputs.TOY_SAMPLES_DIR.iterdir())]
     sizes = torch.tensor([list(tensor.shape[-2:]) for tensor, _ in prepared])  # no resize at 256 px: original size
-    return predictor.model, nested_tensor_from_tensor_list([t for t, _ in prepared]), list(CLASS_NAMES), sizes
+    names, _, _ = demo_inputs.toy_vocabulary()
+    return predictor.model, nested_tensor_from_tensor_list([t for t, _ in prepared]), names, sizes
 
 
-def golden_model() -> tuple[nn.Module, dict]:
-    from tests import golden
+def golden_dir() -> Path | None:
+    """A full golden folder (the original's outputs on its miniature model): $CORA_GOLDEN_DIR, else
+    ../shared/golden beside the repository; None when there is none (its rows are then left out)."""
+    folder = Path(os.environ.get("CORA_GOLDEN_DIR") or ROOT.parent / "shared" / "golden")
+    return folder if (folder / "checkpoint_tiny.pth").is_file() else None
+
+
+def golden_args(folder: Path, **overrides) -> argparse.Namespace:
+    """The miniature model's flags (its config.json) with its CLIP archive and region prompt."""
+    from main import get_args_parser
+
+    args = get_args_parser().parse_args(json.loads((folder / "config.json").read_text())["argv"])
+    args.model_path, args.region_prompt_path = str(folder / "clip_tiny.pt"), str(folder / "region_prompt_tiny.pth")
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def golden_load(folder: Path, name: str):
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(folder / name, map_location="cpu", weights_only=True)
+
+
+def golden_model(folder: Path) -> tuple[nn.Module, dict]:
     from util.checkpoint import pick_weights
 
-    model, _, _ = __import__("models").build_model(golden.model_args())
-    model.load_state_dict(pick_weights(golden.load("checkpoint_tiny.pth"), use_ema=True), strict=True)
-    return model, golden.load("inputs.pth")
+    model, _, _ = __import__("models").build_model(golden_args(folder))
+    model.load_state_dict(pick_weights(golden_load(folder, "checkpoint_tiny.pth"), use_ema=True), strict=True)
+    return model, golden_load(folder, "inputs.pth")
 
 
 class SpreadObjectness(nn.Module):
@@ -201,39 +224,41 @@ def bench_eval_model(label: str, model: nn.Module, samples, categories, sizes, r
     post = PostProcess()
     images = sizes.shape[0]
 
-    def run(spec):
-        model.prune_eval = spec
-        with torch.no_grad():
-            return model(samples, categories=categories)
+    def run(prune: bool):
+        return detect(model, samples, categories, postprocess=post, target_sizes=sizes.to(device), prune=prune)
 
     sync = cuda_sync if device.type == "cuda" else (lambda: None)
-    (t_full, out_full), (t_pruned, out_pruned) = timed_many(
-        [lambda: run(PruneSpec.for_postprocess(post, prune=False)), lambda: run(PruneSpec.for_postprocess(post))],
-        reps, sync)
-    identical, score_diff = compare_detections(post(out_full, sizes.to(device)),
-                                                           post(out_pruned, sizes.to(device)))
+    (t_full, full), (t_pruned, pruned) = timed_many([lambda: run(False), lambda: run(True)], reps, sync)
+    identical, score_diff = compare_detections(full.results, pruned.results)
     return {"section": "eval", "case": label, "baseline": "full", "new": "pruned",
             "baseline_s": t_full / images, "new_s": t_pruned / images, "speedup": t_full / t_pruned,
-            "scored_fraction": out_pruned["scored_queries"].float().mean().item(), "identical": identical,
+            "scored_fraction": pruned.outputs["scored_queries"].float().mean().item(), "identical": identical,
             "max_score_rel_diff": score_diff, "unit": "s/image"}
 
 
-def section_eval(quick: bool, reps: int, device) -> list[dict]:
-    from tests.tiny_coco import COCO_OVD_CATEGORIES
-
-    rows = []
-    model, inputs = golden_model()
+def golden_eval_rows(folder: Path, reps: int, device) -> list[dict]:
+    model, inputs = golden_model(folder)
     samples = NestedTensor(inputs["batch"], inputs["mask"])
     sizes = torch.stack([t["orig_size"] for t in inputs["targets"]])
-    rows.append(bench_eval_model("golden miniature (2 photos, Q=300)", model, samples, inputs["eval_categories"],
-                                 sizes, reps, device))
+    rows = [bench_eval_model("golden miniature (2 photos, Q=300)", model, samples, inputs["eval_categories"],
+                             sizes, reps, device)]
     trained_like(model, len(inputs["eval_categories"]))
     rows.append(bench_eval_model("golden miniature, trained-like scores", model, samples, inputs["eval_categories"],
                                  sizes, reps, device))
+    return rows
+
+
+def section_eval(quick: bool, reps: int, device) -> list[dict]:
+    rows = []
+    folder = golden_dir()
+    if folder is None:
+        print("  eval: no golden folder ($CORA_GOLDEN_DIR or ../shared/golden): the golden miniature rows are left out")
+    else:
+        rows += golden_eval_rows(folder, reps, device)
     model, samples, toy_categories, sizes = toy_case()
     rows.append(bench_eval_model(f"toy world model ({sizes.shape[0]} scenes, Q={model.query_embed.weight.shape[0]})",
                                  model, samples, toy_categories, sizes, reps, device))
-    categories = [name for _, name, _ in COCO_OVD_CATEGORIES]
+    categories = list(COCO_OVD_CATEGORIES)
     plans = [("R50", (480, 640))] if quick else [("R50", (480, 640)), ("R50", (800, 1216)), ("R50x4", (480, 640)),
                                                   ("R50x4", (800, 1216))]
     for name, (h, w) in plans:
@@ -271,16 +296,17 @@ def train_step_fn(model, criterion, optimizer, samples, categories, targets) -> 
 
 
 def section_train(quick: bool, reps: int, device) -> list[dict]:
-    from tests import golden
     from util.optim import build_optimizer
 
     rows = []
-    cases = [("golden miniature, batch 2", None)] + ([] if quick else [("R50 480x640 Q=1000, batch 2", "R50")])
+    folder = golden_dir()
+    cases = ([("golden miniature, batch 2", None)] if folder is not None else []) + (
+        [] if quick else [("R50 480x640 Q=1000, batch 2", "R50")])
     for label, name in cases:
         if name is None:
-            args = golden.model_args(dropout=0.0)
+            args = golden_args(folder, dropout=0.0)
             model, criterion, _ = __import__("models").build_model(args)
-            inputs = golden.load("inputs.pth")
+            inputs = golden_load(folder, "inputs.pth")
             samples = NestedTensor(inputs["batch"], inputs["mask"])
             categories = inputs["train_categories"]
             targets = [{"boxes": t["boxes"], "labels": t["labels_train"]} for t in inputs["targets"]]
@@ -289,11 +315,10 @@ def section_train(quick: bool, reps: int, device) -> list[dict]:
             from models.criterion import build_criterion
             from models.matcher import build_matcher
 
-            criterion = build_criterion(args, build_matcher(args))
+            cfg = ModelConfig.from_args(args)
+            criterion = build_criterion(cfg, build_matcher(cfg))
             samples = NestedTensor(torch.randn(2, 3, 480, 640), torch.zeros(2, 480, 640, dtype=torch.bool))
-            from tests.tiny_coco import COCO_OVD_CATEGORIES
-
-            categories = [n for _, n, kind in COCO_OVD_CATEGORIES if kind == "B"]
+            categories = [n for _, n, kind in COCO_OVD_TABLE if kind == "B"]
             targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4], [0.3, 0.6, 0.2, 0.2]]),
                         "labels": torch.tensor([0, 5])} for _ in range(2)]
         model.to(device).train()

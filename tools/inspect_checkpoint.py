@@ -2,8 +2,9 @@
 
     python tools/inspect_checkpoint.py /path/to/checkpoint.pth
 
-Builds the model the checkpoint's shapes describe (no CLIP archive needed) and loads `model` and
-`model_ema` strictly; exits non-zero with the offending keys when they do not fit.
+Builds the model the checkpoint's shapes and stored flags describe (no CLIP archive needed), loads
+`model` and `model_ema` strictly (exits non-zero with the offending keys when they do not fit), and
+prints the network flags a run must use with it (`main.py --resume` refuses other values).
 """
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import args_for_weights, build_model, clip_state_dict_from_detector  # noqa: E402
-from models.clip import architecture_from_state_dict  # noqa: E402
+from models import ModelConfig, build_model  # noqa: E402
+from models.clip import architecture_from_state_dict, clip_state_dict_from_detector  # noqa: E402
+from models.config import NETWORK_FIELDS  # noqa: E402
 from util.checkpoint import load_checkpoint, load_model_state, pick_weights  # noqa: E402
 
 
 def inspect(path: str) -> dict:
     checkpoint = load_checkpoint(path)
     weights = pick_weights(checkpoint, use_ema=False, source=path)
-    args = args_for_weights(weights, checkpoint.get("args"))
-    model, _, _ = build_model(args, checkpoint_weights=weights)
+    cfg = ModelConfig.from_checkpoint(weights, checkpoint.get("args"))
+    model, _, _ = build_model(cfg, checkpoint_weights=weights)
     load_model_state(model, weights, source=f"{path} ['model']")
     has_ema = isinstance(checkpoint.get("model_ema"), dict)
     if has_ema:
@@ -34,11 +36,18 @@ def inspect(path: str) -> dict:
         "epoch": checkpoint.get("epoch"),
         "best_performance": checkpoint.get("best_performance"),
         "model_ema": has_ema,
-        "queries": args.num_queries,
-        "encoder/decoder layers": (args.enc_layers, args.dec_layers),
         "trainable parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "loads strictly": True,
+        "network flags": " ".join(_flag(name, getattr(cfg, name)) for name in NETWORK_FIELDS),
     }
+
+
+def _flag(name: str, value) -> str:
+    if name == "input_proj_groupnorm":
+        return "--epochs <25" if value else "--epochs >=25"
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"(no --{name})"
+    return f"--{name} {value}"
 
 
 if __name__ == "__main__":

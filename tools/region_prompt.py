@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
 import os
-import random
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -43,7 +40,6 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -51,6 +47,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler  # noqa: E402
 
 from datasets.coco import OVD_VAL_JSON, CocoDetection  # noqa: E402
+from datasets.lvis import LVIS_TRAIN_JSON, LVIS_VAL_JSON, LvisDetection  # noqa: E402
 from datasets.ovd_eval import ovd_split  # noqa: E402
 from datasets.transforms import make_coco_transforms  # noqa: E402
 from models.backbone import Backbone  # noqa: E402
@@ -67,19 +64,16 @@ from models.clip import (  # noqa: E402
 from models.prematch import efficient_region_embeddings  # noqa: E402
 from models.region_head import region_embeddings  # noqa: E402
 from util import dist  # noqa: E402
+from util.atomic import write_json  # noqa: E402
 from util.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from util.logging import MetricLogger, SmoothedValue  # noqa: E402
 from util.nested_tensor import NestedTensor, collate_fn  # noqa: E402
 from util.rng import rng_state, set_rng_state  # noqa: E402
-from util.run_info import write_run_info  # noqa: E402
+from util.run import append_log, check_finite, resume_path, start_run, to_device  # noqa: E402
 
 PROMPT_KEY = "attnpool.positional_embedding"  # the key the localizer's region prompt file holds
 TAU = 100.0  # CLIP's logit scale, hard-coded in the original
 TRAIN_JSON = "instances_train2017_base.json"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Region prompting stopped: the loss is inf/nan. The last checkpoint on disk is the last good one."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,8 +233,7 @@ def train_step(model: RegionClassifier, optimizer: torch.optim.Optimizer, sample
 
 
 def _to_device(samples: NestedTensor, targets: Sequence[dict], device: torch.device):
-    return samples.to(device), [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
-                                for t in targets]
+    return samples.to(device, non_blocking=True), to_device(targets, device)
 
 
 def train_one_epoch(model: RegionClassifier, loader, optimizer: torch.optim.Optimizer, text_features: torch.Tensor,
@@ -257,9 +250,7 @@ def train_one_epoch(model: RegionClassifier, loader, optimizer: torch.optim.Opti
         out = train_step(model, optimizer, samples, targets, text_features, max_norm=max_norm)
         reduced = dist.reduce_dict({"loss": out["loss"]})
         loss_value = reduced["loss"].item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f"epoch {epoch} iteration {iteration}: region prompt loss is {loss_value}. "
-                                     f"Training stopped; the last checkpoint is intact.")
+        check_finite(loss_value, reduced, where=f"region prompting, epoch {epoch} iteration {iteration}")
         logger.update(loss=loss_value, num_boxes=out["num_boxes"].item(), lr=optimizer.param_groups[0]["lr"])
     logger.synchronize_between_processes()
     print("Averaged stats:", logger, flush=True)
@@ -284,27 +275,53 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+# The jsons each stage reads by default: (train, val) per --dataset_file.
+DEFAULT_JSONS = {"coco": (TRAIN_JSON, OVD_VAL_JSON), "lvis": (LVIS_TRAIN_JSON, LVIS_VAL_JSON)}
+
+
 def annotation_file(coco_path: str | os.PathLike, name: str) -> Path:
     """A json given by name is looked up in `<coco_path>/annotations/`; a path with a folder is taken as is."""
     path = Path(name)
     return path if path.parent != Path(".") else Path(coco_path) / "annotations" / name
 
 
-def build_split(coco_path: str | os.PathLike, json_name: str, image_dir: str, image_set: str, *,
-                flag: str, image_scale: float = 1.0) -> CocoDetection:
-    """A CocoDetection over `<coco_path>/<image_dir>` with the localizer's `image_set` transforms (CLIP mean/std)."""
-    root = Path(coco_path)
+def split_files(args, which: str) -> tuple[Path, Path, str]:
+    """`(json, image folder, flag)` of the 'train' or 'val' boxes: COCO-format under `--coco_path`
+    (annotations/, train2017/, val2017/) or LVIS-format under `--lvis_path` (jsons at its top, images
+    by their `coco_url`). `--train_json` / `--val_json` override the json (a bare name: in that folder)."""
+    flag = f"--{which}_json"
+    name = getattr(args, f"{which}_json") or DEFAULT_JSONS[args.dataset_file][which == "val"]
+    if args.dataset_file == "lvis":
+        root = Path(args.lvis_path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--lvis_path {root or '(empty)'} does not exist")
+        path = Path(name)
+        return (path if path.parent != Path(".") else root / name), root, flag
+    root = Path(args.coco_path)
     if not root.is_dir():
         raise FileNotFoundError(f"--coco_path {root} does not exist")
-    ann_file = annotation_file(root, json_name)
+    return annotation_file(root, name), root / f"{which}2017", flag
+
+
+def open_boxes(args, which: str, transforms, dataset_class: type | None = None):
+    """The images and boxes of `split_files(args, which)`; labels index the json's `category_list` (LVIS:
+    `label_map`). `dataset_class` replaces CocoDetection / LvisDetection by a subclass."""
+    ann_file, folder, flag = split_files(args, which)
     if not ann_file.is_file():
-        raise FileNotFoundError(f"{flag} {json_name}: annotation file {ann_file} not found")
-    return CocoDetection(img_folder=root / image_dir, ann_file=ann_file,
-                         transforms=make_coco_transforms(image_set, clip_normalisation=True,
-                                                         image_scale=image_scale))
+        raise FileNotFoundError(f"{flag} {ann_file.name}: annotation file {ann_file} not found")
+    if args.dataset_file == "lvis":
+        return (dataset_class or LvisDetection)(img_folder=folder, ann_file=ann_file, transforms=transforms,
+                                                label_map=True)
+    return (dataset_class or CocoDetection)(img_folder=folder, ann_file=ann_file, transforms=transforms)
 
 
-def images_with_boxes(dataset: CocoDetection) -> list[int]:
+def build_split(args, which: str) -> CocoDetection | LvisDetection:
+    """`open_boxes` with the localizer's transforms of that split (CLIP mean/std, `--image_scale`)."""
+    return open_boxes(args, which, make_coco_transforms("train" if which == "train" else "val",
+                                                        clip_normalisation=True, image_scale=args.image_scale))
+
+
+def images_with_boxes(dataset: CocoDetection | LvisDetection) -> list[int]:
     """Dataset indices of images with at least one non-crowd annotation (the others have nothing to score)."""
     return [i for i, image_id in enumerate(dataset.ids)
             if any(a.get("iscrowd", 0) == 0 for a in dataset.coco.imgToAnns.get(image_id, []))]
@@ -400,10 +417,13 @@ def default_prompt_path(backbone: str) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("CORA region prompting", add_help=True)
+    p.add_argument("--dataset_file", default="coco", choices=["coco", "lvis"])
     p.add_argument("--coco_path", default="data/coco", type=str)
-    p.add_argument("--train_json", default=TRAIN_JSON, type=str,
-                   help="training boxes (a bare name is looked up in <coco_path>/annotations)")
-    p.add_argument("--val_json", default=OVD_VAL_JSON, type=str, help="boxes for the accuracy report (65 classes)")
+    p.add_argument("--lvis_path", default="", type=str, help="LVIS: folder with the jsons and train2017/ val2017/")
+    p.add_argument("--train_json", default="", type=str,
+                   help=f"training boxes (default {TRAIN_JSON} in <coco_path>/annotations, LVIS {LVIS_TRAIN_JSON})")
+    p.add_argument("--val_json", default="", type=str,
+                   help=f"boxes for the accuracy report (default {OVD_VAL_JSON}, LVIS {LVIS_VAL_JSON})")
     p.add_argument("--backbone", default="clip_RN50", type=str, help="clip_RN50 or clip_RN50x4")
     p.add_argument("--model_path", default="", type=str, help="OpenAI CLIP archive (default ~/.cache/clip/<name>.pt)")
     p.add_argument("--text_len", default=25, type=int, help="context length of the text classifier")
@@ -431,16 +451,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def _report_accuracy(args, model: RegionClassifier, classifier: TextClassifier, clip_pe: torch.Tensor,
                      device: torch.device, output_dir: Path | None) -> dict[str, Any]:
-    dataset_val = build_split(args.coco_path, args.val_json, "val2017", "val", flag="--val_json",
-                              image_scale=args.image_scale)
+    dataset_val = build_split(args, "val")
     text_val = text_embeddings(classifier, dataset_val.category_list)
     loader = eval_loader(dataset_val, images_with_boxes(dataset_val), batch_size=args.batch_size,
                          num_workers=args.num_workers)
@@ -451,7 +464,7 @@ def _report_accuracy(args, model: RegionClassifier, classifier: TextClassifier, 
               "text_len": args.text_len, "results": results}
     if output_dir is not None and dist.is_main_process():
         path = output_dir / "region_accuracy.json"
-        path.write_text(json.dumps(report, indent=1))
+        write_json(report, path, indent=1)
         print(f"accuracy written to {path}", flush=True)
     return report
 
@@ -459,18 +472,13 @@ def _report_accuracy(args, model: RegionClassifier, classifier: TextClassifier, 
 def main(args) -> dict[str, Any]:
     """Train (or with --eval only evaluate) the region prompt. Returns `{'prompt': file content or None,
     'accuracy': report or None, 'epochs_run': int}`."""
-    dist.init_distributed_mode(args)
-    print(args)
-    device = torch.device(args.device)
-    _seed_everything(args.seed + dist.get_rank())
     if not args.output:
         args.output = default_prompt_path(args.backbone)
     output = Path(args.output)
     output_dir = Path(args.output_dir) if args.output_dir else output.with_suffix("")
+    device = start_run(args, output_dir)
     if dist.is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
         output.parent.mkdir(parents=True, exist_ok=True)
-        write_run_info(str(output_dir), args)
 
     arch, clip_sd = read_clip_archive(resolve_archive_path(args.backbone, args.model_path))
     model = build_region_classifier(arch, clip_sd, trainable_prompt=not args.eval).to(device)
@@ -486,8 +494,7 @@ def main(args) -> dict[str, Any]:
         result["accuracy"] = _report_accuracy(args, model, classifier, clip_pe, device, output_dir)
         return result
 
-    dataset_train = build_split(args.coco_path, args.train_json, "train2017", "train", flag="--train_json",
-                                image_scale=args.image_scale)
+    dataset_train = build_split(args, "train")
     text_train = text_embeddings(classifier, dataset_train.category_list)
     world, rank = dist.get_world_size(), dist.get_rank()
     # seed = --seed on every process: all of them must agree on the shuffle, set_epoch varies it per epoch
@@ -500,10 +507,7 @@ def main(args) -> dict[str, Any]:
     optimizer = torch.optim.AdamW([model.positional_embedding], lr=args.lr_prompt, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_drop, gamma=0.1)
 
-    resume = args.resume
-    if not resume and not args.no_auto_resume and (output_dir / "checkpoint.pth").exists():
-        resume = str(output_dir / "checkpoint.pth")
-        print(f"auto-resume from {resume}")
+    resume = resume_path(args.resume, output_dir, auto=not args.no_auto_resume)
     start_epoch = 0
     if resume:
         checkpoint = load_checkpoint(resume)
@@ -529,8 +533,7 @@ def main(args) -> dict[str, Any]:
             save_checkpoint({"model": model.prompt_state(), "optimizer": optimizer.state_dict(),
                              "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "args": args,
                              "rng_state": rng_state()}, output_dir / "checkpoint.pth")
-            with (output_dir / "log.txt").open("a") as f:
-                f.write(json.dumps({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}) + "\n")
+        append_log(output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
     print(f"Training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - start_time))}")
 
     result["prompt"] = model.prompt_state()

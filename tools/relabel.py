@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 import torch  # noqa: E402
 
 from datasets.coco import OVD_TRAIN_JSON, CocoDetection, make_coco_target  # noqa: E402
+from datasets.lvis import LVIS_TRAIN_JSONS, LvisDetection  # noqa: E402
 from datasets.transforms import make_coco_transforms  # noqa: E402
 from models.clip import (  # noqa: E402
     build_text_classifier,
@@ -51,21 +51,23 @@ from models.clip import (  # noqa: E402
 from tools.region_prompt import (  # noqa: E402
     TRAIN_JSON,
     RegionClassifier,
-    annotation_file,
     build_region_classifier,
     default_prompt_path,
     eval_loader,
     images_with_boxes,
+    open_boxes,
     region_logits,
+    split_files,
     text_embeddings,
 )
 from util import dist  # noqa: E402
+from util.atomic import write_json  # noqa: E402
 from util.logging import MetricLogger  # noqa: E402
 
-# The relabelled json each localizer config reads (its --label_version, SPEC §2.1).
+# The relabelled json each localizer config reads (its --label_version, SPEC §2.1; LVIS: datasets/lvis.py).
 RELABELLED_JSON = {
-    "clip_RN50": OVD_TRAIN_JSON["RN50base"],
-    "clip_RN50x4": OVD_TRAIN_JSON["RN50x4base_prev"],
+    "coco": {"clip_RN50": OVD_TRAIN_JSON["RN50base"], "clip_RN50x4": OVD_TRAIN_JSON["RN50x4base_prev"]},
+    "lvis": {"clip_RN50": LVIS_TRAIN_JSONS["RN50base"], "clip_RN50x4": LVIS_TRAIN_JSONS["RN50x4base"]},
 }
 
 
@@ -73,30 +75,16 @@ def export_file(folder: str | os.PathLike, index: int) -> Path:
     return Path(folder) / f"export_label_{index}.json"
 
 
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """`json.dump(obj)` to `path` through a temporary file and a rename: never a half-written file."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-class AnnotatedBoxes(CocoDetection):
-    """CocoDetection whose targets also hold `ann_ids` `[N]`: the annotation id of every kept box.
+class AnnotatedBoxes:
+    """A detection dataset (CocoDetection / LvisDetection) whose targets also hold `ann_ids` `[N]`: the
+    annotation id of every kept box.
 
     The ids are filtered with the same rule as the boxes (`make_coco_target`: crowd dropped, boxes
     with x2 <= x1 or y2 <= y1 after clamping dropped), so `ann_ids[i]` is the annotation of `boxes[i]`.
     """
 
     def __getitem__(self, idx: int):
-        image_id = self.ids[idx]
+        image_id = self.ids[idx]  # every image, even one without boxes (LVIS's loader would skip it)
         image = self.load_image(image_id)
         width, height = image.size
         annotations = [a for a in self.coco.imgToAnns.get(image_id, []) if a.get("iscrowd", 0) == 0]
@@ -113,6 +101,14 @@ class AnnotatedBoxes(CocoDetection):
             raise RuntimeError(f"image id {image_id}: {len(target['boxes'])} boxes but {len(target['ann_ids'])} "
                                f"annotation ids after the transforms (a transform that drops boxes?)")
         return image, target
+
+
+class AnnotatedCocoBoxes(AnnotatedBoxes, CocoDetection):
+    pass
+
+
+class AnnotatedLvisBoxes(AnnotatedBoxes, LvisDetection):
+    pass
 
 
 @torch.no_grad()
@@ -133,7 +129,7 @@ def predict_labels(model: RegionClassifier, loader, text_features: torch.Tensor,
     return out
 
 
-def export_labels(model: RegionClassifier, dataset: AnnotatedBoxes, text_features: torch.Tensor, *,
+def export_labels(model: RegionClassifier, dataset: CocoDetection | LvisDetection, text_features: torch.Tensor, *,
                   folder: str | os.PathLike, batch_size: int, num_workers: int,
                   device: torch.device) -> dict[str, int]:
     """Label this process's share of the images (`rank::world_size`) and write `export_label_{rank}.json`
@@ -141,7 +137,7 @@ def export_labels(model: RegionClassifier, dataset: AnnotatedBoxes, text_feature
     loader = eval_loader(dataset, images_with_boxes(dataset), batch_size=batch_size, num_workers=num_workers)
     labels = predict_labels(model, loader, text_features, device)
     mapping = {str(ann_id): dataset.label2catid[label] for ann_id, label in labels.items()}
-    write_json_atomic(mapping, export_file(folder, dist.get_rank()))
+    write_json(mapping, export_file(folder, dist.get_rank()))
     return mapping
 
 
@@ -177,16 +173,18 @@ def merge_relabelled(*, ori_annotation: str | os.PathLike, relabel_folder: str |
     total = len(mapping)
     print(f"label accuracy: {unchanged / total}")
     print(f"{total} relabeled instances in total")
-    write_json_atomic(anno, target_name)
+    write_json(anno, target_name)
     return {"accuracy": unchanged / total, "total": total, "unchanged": unchanged}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("CORA CLIP-aligned labelling", add_help=True)
+    p.add_argument("--dataset_file", default="coco", choices=["coco", "lvis"])
     p.add_argument("--coco_path", default="data/coco", type=str)
-    p.add_argument("--train_json", default=TRAIN_JSON, type=str,
-                   help="json whose boxes are relabelled (a bare name is looked up in <coco_path>/annotations)")
-    p.add_argument("--image_folder", default="", type=str, help="its images (default <coco_path>/train2017)")
+    p.add_argument("--lvis_path", default="", type=str, help="LVIS: folder with the jsons and train2017/ val2017/")
+    p.add_argument("--train_json", default="", type=str,
+                   help=f"json whose boxes are relabelled (default {TRAIN_JSON} in <coco_path>/annotations; "
+                        f"LVIS {LVIS_TRAIN_JSONS['']} in <lvis_path>)")
     p.add_argument("--backbone", default="clip_RN50", type=str, help="clip_RN50 or clip_RN50x4")
     p.add_argument("--model_path", default="", type=str, help="OpenAI CLIP archive (default ~/.cache/clip/<name>.pt)")
     p.add_argument("--region_prompt_path", default="", type=str,
@@ -204,19 +202,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_files", default=0, type=int,
                    help="export files to merge (default: the number of processes of this run)")
     p.add_argument("--target_name", default="", type=str,
-                   help="relabelled json (default <coco_path>/annotations/ + the file the backbone's config reads)")
+                   help="relabelled json (default: the file the backbone's localizer config reads, next to the "
+                        "training json)")
     p.add_argument("--merge_only", action="store_true", help="only merge existing export_label_*.json files")
     return p
 
 
 def _resolve_defaults(args) -> None:
     name = args.backbone[len("clip_"):] if args.backbone.startswith("clip_") else args.backbone
-    args.relabel_folder = args.relabel_folder or f"logs/relabel_{name}"
+    args.relabel_folder = args.relabel_folder or f"logs/relabel_{name}{'_lvis' if args.dataset_file == 'lvis' else ''}"
+    if args.target_name and args.ori_annotation:
+        return  # the merge alone, of given files
+    train_json, _, _ = split_files(args, "train")
     if not args.target_name:
-        if args.backbone not in RELABELLED_JSON:
+        if args.backbone not in RELABELLED_JSON[args.dataset_file]:
             raise ValueError(f"--backbone {args.backbone}: no default --target_name; pass one")
-        args.target_name = str(Path(args.coco_path) / "annotations" / RELABELLED_JSON[args.backbone])
-    args.ori_annotation = args.ori_annotation or str(annotation_file(args.coco_path, args.train_json))
+        args.target_name = str(train_json.parent / RELABELLED_JSON[args.dataset_file][args.backbone])
+    args.ori_annotation = args.ori_annotation or str(train_json)
 
 
 def main(args) -> dict[str, Any]:
@@ -239,12 +241,9 @@ def main(args) -> dict[str, Any]:
     classifier = build_text_classifier(arch, args.text_len, clip_sd).to(device)
     del clip_sd
 
-    ann_file = annotation_file(args.coco_path, args.train_json)
-    if not ann_file.is_file():
-        raise FileNotFoundError(f"--train_json {args.train_json}: annotation file {ann_file} not found")
-    dataset = AnnotatedBoxes(img_folder=args.image_folder or Path(args.coco_path) / "train2017", ann_file=ann_file,
-                             transforms=make_coco_transforms("val", clip_normalisation=True,
-                                                             image_scale=args.image_scale))
+    dataset = open_boxes(args, "train",
+                         make_coco_transforms("val", clip_normalisation=True, image_scale=args.image_scale),
+                         AnnotatedLvisBoxes if args.dataset_file == "lvis" else AnnotatedCocoBoxes)
     text = text_embeddings(classifier, dataset.category_list)
     if dist.is_main_process():
         Path(args.relabel_folder).mkdir(parents=True, exist_ok=True)

@@ -66,11 +66,12 @@ localizer_done() {  # the run's log.txt records its last epoch (main.py appends 
 import glob, json, os, sys
 folder = sys.argv[1]
 runs = sorted(glob.glob(os.path.join(folder, "run_*.json")))
-lines = [line for line in open(os.path.join(folder, "log.txt")).read().splitlines() if line.strip()]
-if not runs or not lines:
+records = [json.loads(line) for line in open(os.path.join(folder, "log.txt")).read().splitlines() if line.strip()]
+logged = [r["epoch"] for r in records if "epoch" in r]  # --eval runs write lines without one
+if not runs or not logged:
     sys.exit(1)
 epochs = json.load(open(runs[-1]))["args"]["epochs"]
-sys.exit(0 if json.loads(lines[-1])["epoch"] + 1 >= epochs else 1)
+sys.exit(0 if max(logged) + 1 >= epochs else 1)
 EOF
 }
 

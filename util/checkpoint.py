@@ -12,13 +12,15 @@ import logging
 import os
 import pickle
 import re
-import secrets
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+
+from util.atomic import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
         raise FileNotFoundError(f"checkpoint {path} not found (absolute path: {path.absolute()})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
+    _check_format(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
@@ -65,6 +68,24 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     return checkpoint
 
 
+def _check_format(path: Path) -> None:
+    """Files that are not torch.save checkpoints, named for what they are: a TorchScript archive (a CLIP
+    model such as OpenAI's RN50.pt), or a file that is neither a zip nor a pickle (text, an image, ...)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
+            raise CheckpointError(f"checkpoint {path} is a TorchScript archive (a CLIP model such as OpenAI's "
+                                  f"RN50.pt?), not a CORA checkpoint: a CLIP archive is given as --model_path")
+        return
+    # a zip (torch.save's format, here maybe truncated) or a pickle of protocol 2+ (its legacy format)
+    if not head.startswith((b"PK", b"\x80")):
+        raise CheckpointError(f"checkpoint {path} is not a torch.save file (neither a zip nor a pickle; it starts "
+                              f"with {head!r})")
+
+
 def _first_lines(text: str, limit: int = 600) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # torch bolds part of its message with ANSI escapes
     text = " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
@@ -82,46 +103,22 @@ def weights_only_reason(error: BaseException) -> str:
     if marker in text:
         reason = text.split(marker, 1)[1].strip().splitlines()[0]
         return reason.split(" Please use ", 1)[0].strip()
-    return _first_lines(text)
+    found = re.search(r"(Trying to load unsupported GLOBAL \S+[^.]*\.|Unsupported global: GLOBAL \S+)", text)
+    if found:
+        return found.group(1)
+    # never torch's advice to retry with weights_only=False: that is what must not be done with this file
+    sentences = [s for s in re.split(r"(?<=\.)\s+", _first_lines(text)) if "weights_only" not in s]
+    return " ".join(sentences) or "unsupported pickled object"
 
 
 def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save(obj, path)`, atomically: a crash or error mid-write leaves any previous file untouched.
-
-    Writes a temporary file in the same folder (so the final rename stays on one file system), flushes and
-    fsyncs it, then `os.replace`s it over `path`; on any error the temporary file is removed.
-    """
+    """`torch.save(obj, path)`, atomically (`util.atomic`): a crash or error mid-write leaves any previous
+    file untouched."""
     path = Path(path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"cannot save checkpoint {path}: folder {folder} does not exist")
-    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # os.open with mode 0o666 lets the umask decide the permissions, as a plain torch.save would.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable; best effort, as some file systems/platforms cannot fsync a folder."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save checkpoint {path}: folder {path.parent} does not exist")
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def _is_state_dict(value: Any) -> bool:

@@ -35,6 +35,7 @@ Plain `torch.save`d state dicts are accepted too (loaded with `weights_only=True
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import hashlib
 import io
@@ -386,7 +387,8 @@ def read_torchscript_state_dict(path: str) -> OrderedDict[str, torch.Tensor]:
 def _read_plain_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A `torch.save`d dict of tensors (optionally under `state_dict`, optionally with DDP's `module.` prefix)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # to recognise a CORA checkpoint below
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ArchiveError(f"{path}: refused to load: it is not a TorchScript archive, and as a torch.save file it "
                            f"holds objects other than tensors and containers, which could run code "
@@ -394,6 +396,10 @@ def _read_plain_state_dict(path: str) -> dict[str, torch.Tensor]:
     except Exception as e:
         raise ArchiveError(f"{path}: neither a TorchScript archive nor a readable torch.save file "
                            f"({type(e).__name__}: {e})") from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "query_embed.weight" in state["model"]:
+        raise ArchiveError(f"{path} is a CORA checkpoint (keys {sorted(map(str, state))[:6]}), not a CLIP archive: "
+                           f"pass it as --resume (a full one holds CLIP's weights; --model_path names OpenAI's "
+                           f"archive, e.g. RN50.pt)")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):

@@ -9,6 +9,7 @@ Writes, from the run's outputs:
                                          from the two files above) and the run's args: what `Predictor.from_checkpoint`
                                          and demo.py load
     assets/toy/samples/*.jpg             val scenes that hold novel-class objects (held out from every stage's training)
+    assets/toy/vocabulary.json           the world's categories (id, name, base / novel), from its val json
     assets/toy/provenance.json           where each file came from, its sha256 and the run's AP50s
 The model these files make is exactly the run's final EMA model, so its evaluation is the run's last `log.txt` line.
 """
@@ -26,7 +27,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from models.predictor import CLIP_PREFIXES  # noqa: E402
+from models.clip import DETECTOR_CLIP_PREFIXES  # noqa: E402
 from tools.toy.report import ap50  # noqa: E402
 from util.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from util.run_info import git_sha  # noqa: E402
@@ -34,7 +35,7 @@ from util.run_info import git_sha  # noqa: E402
 
 def detector_only(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state dict without the frozen CLIP tensors (trunk, attention pool with the prompt, text tower)."""
-    return {k: v for k, v in weights.items() if not k.startswith(CLIP_PREFIXES)}
+    return {k: v for k, v in weights.items() if not k.startswith(DETECTOR_CLIP_PREFIXES)}
 
 
 def novel_samples(data: Path, count: int) -> list[Path]:
@@ -80,7 +81,12 @@ def bundle(*, run_dir: Path, clip: Path, prompt: Path, data: Path, out: Path, sa
     sample_dir.mkdir()
     for image in novel_samples(data, samples):
         shutil.copyfile(image, sample_dir / image.name)
-    files = sorted([target, out / "clip_toy.pt", out / "region_prompt_toy.pth", *sample_dir.iterdir()])
+    val = json.loads((data / "annotations" / "instances_val2017_basetarget.json").read_text())
+    vocabulary = {"categories": [{"id": c["id"], "name": c["name"], "split": c["split"]}
+                                 for c in sorted(val["categories"], key=lambda c: c["id"])]}
+    (out / "vocabulary.json").write_text(json.dumps(vocabulary, indent=1) + "\n")
+    files = sorted([target, out / "clip_toy.pt", out / "region_prompt_toy.pth", out / "vocabulary.json",
+                    *sample_dir.iterdir()])
     record = {
         "made_by": f"tools/toy/run_all.sh, then python -m tools.toy.bundle --run_dir {run_dir}",
         "git_sha": git_sha(),  # of the bundling ("-dirty": uncommitted changes)

@@ -31,7 +31,8 @@ def epochs_logged(folder: Path) -> list[dict[str, Any]]:
     log = folder / "log.txt"
     if not log.is_file():
         return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return [r for r in records if "epoch" in r]  # not the lines of --eval runs
 
 
 def finished(folder: Path) -> bool:
@@ -63,6 +64,46 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+EXTENSIONS = Path("logs/toy/extensions")  # what tools/toy/cora_plus_lvis.sh writes
+
+
+def _coco_cells(stats) -> str:
+    if not stats:
+        return "- | - | -"
+    return f"{stats[13]:.1f} | {stats[12]:.1f} | {100 * stats[1]:.1f}"
+
+
+def extensions_table(*, folder: Path = EXTENSIONS, localizer: Path = LOCALIZER) -> str:
+    """Markdown: the novel boost on the bundled model, CORA+ (pseudo-box quality, val and unseen-world AP50)
+    and the LVIS-format run (APr / APc / APf / AP)."""
+    toy_runs = localizer
+    lines = ["| model (AP50: novel / base / all) | val | unseen world (seed 1, 200 scenes) |", "|---|---|---|"]
+    for exp, label in (("tcf1", "CORA (bundled), --target_class_factor 1"),
+                       ("tcf8", "CORA (bundled), --target_class_factor 8"),
+                       ("cora_plus", "CORA+ (retrained with pseudo boxes), factor 1")):
+        val = eval_stats(toy_runs / exp) if exp != "cora_plus" else _last_test_stats(toy_runs / exp)
+        unseen = eval_stats(toy_runs / f"{exp}_unseen")
+        lines.append(f"| {label} | {_coco_cells(val)} | {_coco_cells(unseen)} |")
+    quality_file = folder / "pseudo_quality.json"
+    if quality_file.is_file():
+        q = json.loads(quality_file.read_text())
+        lines += ["", "| pseudo boxes (score >= 0.2) vs the true boxes | boxes | precision | recall |",
+                  "|---|---:|---:|---:|"]
+        for group in ("novel", "base"):
+            r = q[group]
+            lines.append(f"| {group} classes | {r['pseudo_boxes']} | {_fmt(r['precision'])} | {_fmt(r['recall'])} |")
+    lvis = _last_test_stats(Path("logs/LVIS/R50_dab_ovd_3enc_apm128_splcls0.2_relabel_noinit/toy"))
+    if lvis:
+        lines += ["", "| LVIS format (configs/LVIS at toy size) | APr | APc | APf | AP |", "|---|---:|---:|---:|---:|",
+                  "| CORA | " + " | ".join(f"{100 * lvis[k]:.1f}" for k in ("APr", "APc", "APf", "AP")) + " |"]
+    return "\n".join(lines)
+
+
+def _last_test_stats(folder: Path):
+    logged = epochs_logged(folder)
+    return logged[-1].get("test_coco_eval_bbox") if logged else None
+
+
 def ablation_table(*, localizer: Path = LOCALIZER, region_accuracy: Path = REGION_ACCURACY,
                    times: Path = TIMES) -> str:
     """Markdown: region classification accuracy with / without the prompt, then the localizer variants."""
@@ -89,6 +130,53 @@ def ablation_table(*, localizer: Path = LOCALIZER, region_accuracy: Path = REGIO
     return "\n".join(lines)
 
 
+def eval_stats(folder: Path) -> list | dict | None:
+    """The statistics of the last `main.py --eval` line of a run folder's log.txt (COCO: 16 numbers; LVIS: a dict)."""
+    log = folder / "log.txt"
+    if not log.is_file():
+        return None
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    evals = [r for r in records if "eval" in r]
+    return evals[-1]["test_coco_eval_bbox"] if evals else None
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    """IoU of two xywh boxes."""
+    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def pseudo_box_quality(boxes: list[dict], truth: dict, iou: float = 0.5) -> dict[str, dict[str, float]]:
+    """Precision and recall of pseudo boxes against the world's true boxes of every class
+    (`instances_train2017_all.json`): a pseudo box is right when it overlaps a not yet claimed true box of
+    its class with IoU >= `iou` (greedy by score, as detection evaluation matches). Split by base / novel."""
+    names = {c["id"]: c["name"] for c in truth["categories"]}
+    split = {c["name"]: c.get("split", "base") for c in truth["categories"]}
+    true_boxes: dict[tuple[int, str], list[list[float]]] = {}
+    for a in truth["annotations"]:
+        true_boxes.setdefault((a["image_id"], names[a["category_id"]]), []).append(a["bbox"])
+    claimed: set[tuple[int, str, int]] = set()
+    right = {"base": 0, "novel": 0}
+    made = {"base": 0, "novel": 0}
+    for b in sorted(boxes, key=lambda b: -b["score"]):
+        group = split.get(b["class_label"], "novel")
+        made[group] += 1
+        candidates = true_boxes.get((b["image_id"], b["class_label"]), [])
+        best = max(((_iou(b["bbox"], t), k) for k, t in enumerate(candidates)
+                    if (b["image_id"], b["class_label"], k) not in claimed), default=(0.0, -1))
+        if best[0] >= iou:
+            claimed.add((b["image_id"], b["class_label"], best[1]))
+            right[group] += 1
+    total = {"base": 0, "novel": 0}
+    for (_, name), found in true_boxes.items():
+        total[split[name]] += len(found)
+    return {g: {"pseudo_boxes": made[g], "correct": right[g], "true_boxes": total[g],
+                "precision": 100 * right[g] / made[g] if made[g] else None,
+                "recall": 100 * right[g] / total[g] if total[g] else None} for g in ("base", "novel")}
+
+
 def record(stage: str, seconds: int, times: Path = TIMES) -> None:
     data = json.loads(times.read_text()) if times.is_file() else {}
     data[stage] = seconds
@@ -106,7 +194,24 @@ def main(argv: list[str] | None = None) -> int:
     timing.add_argument("seconds", type=int)
     table = sub.add_parser("ablation")
     table.add_argument("--out", type=Path, default=None, help="also write the table to this file")
+    quality = sub.add_parser("pseudo", help="precision / recall of pseudo boxes against the true boxes")
+    quality.add_argument("boxes", type=Path)
+    quality.add_argument("truth", type=Path)
+    quality.add_argument("--out", type=Path, required=True)
+    extensions = sub.add_parser("extensions", help="the CORA+ / LVIS / novel-boost table (cora_plus_lvis.sh)")
+    extensions.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.command == "pseudo":
+        result = pseudo_box_quality(json.loads(args.boxes.read_text()), json.loads(args.truth.read_text()))
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result))
+        return 0
+    if args.command == "extensions":
+        text = extensions_table()
+        print(text)
+        if args.out is not None:
+            args.out.write_text(text + "\n")
+        return 0
     if args.command == "finished":
         return 0 if finished(args.folder) else 1
     if args.command == "record":
