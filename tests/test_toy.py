@@ -399,3 +399,77 @@ def test_region_lists_must_match_the_images():
     images = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
     with pytest.raises(ValueError, match="regions: 1 lists for 2 images"):
         train(images=images, captions=["a star", "a ring"], cfg=TINY_CLIP, steps=1, regions=[[]])
+
+
+# --------------------------------------------------------------------------- CORA+ and LVIS in miniature
+def _annotations(objects: dict[int, list[tuple[int, float]]]) -> dict:
+    """A toy-world-style json: per image id, (category id, box side) objects."""
+    categories = [{"id": c.id, "name": c.name, "split": c.split} for c in world.CLASSES]
+    images, annotations = [], []
+    for image_id, objs in objects.items():
+        images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": 256, "height": 256})
+        for cat, side in objs:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat,
+                                "bbox": [10, 10, side, side], "area": side * side, "iscrowd": 0})
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def test_scene_captions_name_what_the_scene_holds():
+    from tools.toy.scene_captions import CAPTIONS_PER_IMAGE, scene_captions
+
+    data = _annotations({1: [(5, 40), (2, 90), (7, 20)], 2: [(14, 30)], 3: []})
+    out = scene_captions(data, seed=0)
+    assert out == scene_captions(data, seed=0) and out != scene_captions(data, seed=3)  # a function of the seed
+    by_image = {}
+    for c in out["annotations"]:
+        by_image.setdefault(c["image_id"], []).append(c["caption"])
+    names = {c.id: c.name for c in world.CLASSES}
+    assert set(by_image) == {1, 2} and all(len(v) <= CAPTIONS_PER_IMAGE for v in by_image.values())
+    assert "square" in by_image[1][0]  # the largest object is always named first
+    mentioned = {w for caption in by_image[1] for w in caption.replace(",", " ").replace(".", " ").split()}
+    assert mentioned & set(world.CLASS_NAMES) <= {names[5], names[2], names[7]}  # nothing that is not there
+    assert "lightning" in by_image[2][0]
+
+
+def test_lvis_export_frequencies_and_negatives(toy, tmp_path):
+    from datasets.lvis import LvisDetection
+    from datasets.ovd_eval import LvisEvaluator
+    from tools.toy.to_lvis import frequencies, to_lvis
+
+    # hand-made counts: class 1 in 3 images, 2 in 2, 3 in 1, 4 (and the rest) in none
+    train = _annotations({1: [(1, 20), (2, 20)], 2: [(1, 20), (2, 20)], 3: [(1, 20), (3, 20)]})
+    freq = frequencies(train, train)
+    assert freq[1] == "f" and freq[2] == "f" and freq[3] == "c" and freq[4] == "r"  # median split of 1, 2, 3
+    out = to_lvis(toy, tmp_path / "lvis")
+    val_ids = {c["id"] for c in out["val"]["categories"]}
+    rare = {c["id"] for c in out["val"]["categories"] if c["frequency"] == "r"}
+    base_json = json.loads((toy / "annotations" / "instances_train2017_base.json").read_text())
+    boxed = {a["category_id"] for a in base_json["annotations"]}
+    # rare = never boxed in training: the novel classes, and in this 6-scene world some base ones too
+    assert rare == val_ids - boxed and rare >= {c.id for c in world.CLASSES if c.split == "novel"}
+    assert len(val_ids) == 16
+    assert {c["id"] for c in out["train"]["categories"]} == val_ids - rare
+    assert not {a["category_id"] for a in out["train"]["annotations"]} & rare
+    for img in out["val"]["images"]:
+        present = {a["category_id"] for a in out["val"]["annotations"] if a["image_id"] == img["id"]}
+        assert set(img["neg_category_ids"]) == val_ids - present and img["not_exhaustive_category_ids"] == []
+    dataset = LvisDetection(img_folder=tmp_path / "lvis", ann_file=tmp_path / "lvis" / "lvis_v1_val.json",
+                            label_map=True)
+    assert [dataset.label2catid[i] for i in dataset.novel_indices] == sorted(rare)
+    LvisEvaluator(str(tmp_path / "lvis" / "lvis_v1_val.json"), dataset.label2catid, verbose=False)
+
+
+def test_pseudo_box_quality_by_hand():
+    from tools.toy.report import pseudo_box_quality
+
+    truth = _annotations({1: [(5, 40), (2, 40)], 2: [(5, 40)]})  # two heart boxes (novel), one square (base)
+    truth["annotations"][1]["bbox"] = [100, 100, 40, 40]
+    boxes = [
+        {"image_id": 1, "bbox": [10, 10, 40, 40], "class_label": "heart", "score": 0.9},  # right
+        {"image_id": 1, "bbox": [12, 12, 40, 40], "class_label": "heart", "score": 0.8},  # the same heart again
+        {"image_id": 1, "bbox": [100, 100, 40, 40], "class_label": "heart", "score": 0.7},  # a square called heart
+        {"image_id": 1, "bbox": [100, 100, 40, 40], "class_label": "square", "score": 0.6},  # right
+    ]
+    q = pseudo_box_quality(boxes, truth)
+    assert q["novel"] == {"pseudo_boxes": 3, "correct": 1, "true_boxes": 2, "precision": 100 / 3, "recall": 50.0}
+    assert q["base"] == {"pseudo_boxes": 1, "correct": 1, "true_boxes": 1, "precision": 100.0, "recall": 100.0}

@@ -61,7 +61,13 @@ def _run_info(run_dir: Path) -> dict:
     return {"run_argv": info.get("argv"), "run_git_sha": info.get("git_sha")}
 
 
-def bundle(*, run_dir: Path, clip: Path, prompt: Path, data: Path, out: Path, samples: int = 4) -> dict:
+def _copy(source: Path, target: Path) -> None:
+    if not (target.exists() and target.resolve() == source.resolve()):  # re-bundling from the bundle's own files
+        shutil.copyfile(source, target)
+
+
+def bundle(*, run_dir: Path, clip: Path, prompt: Path, data: Path, out: Path, samples: int = 4,
+           made_by: str = "tools/toy/run_all.sh") -> dict:
     checkpoint_path = run_dir / "checkpoint.pth"
     for path, what in ((checkpoint_path, "localizer checkpoint"), (clip, "CLIP archive"), (prompt, "region prompt")):
         if not path.is_file():
@@ -73,8 +79,8 @@ def bundle(*, run_dir: Path, clip: Path, prompt: Path, data: Path, out: Path, sa
     weights = detector_only(checkpoint["model_ema"])
     target = out / "cora_toy.pth"
     save_checkpoint({"model": weights, "args": checkpoint["args"], "epoch": checkpoint.get("epoch")}, target)
-    shutil.copyfile(clip, out / "clip_toy.pt")
-    shutil.copyfile(prompt, out / "region_prompt_toy.pth")
+    _copy(clip, out / "clip_toy.pt")
+    _copy(prompt, out / "region_prompt_toy.pth")
     sample_dir = out / "samples"
     if sample_dir.exists():
         shutil.rmtree(sample_dir)
@@ -88,7 +94,7 @@ def bundle(*, run_dir: Path, clip: Path, prompt: Path, data: Path, out: Path, sa
     files = sorted([target, out / "clip_toy.pt", out / "region_prompt_toy.pth", out / "vocabulary.json",
                     *sample_dir.iterdir()])
     record = {
-        "made_by": f"tools/toy/run_all.sh, then python -m tools.toy.bundle --run_dir {run_dir}",
+        "made_by": f"{made_by}, then python -m tools.toy.bundle --run_dir {run_dir}",
         "git_sha": git_sha(),  # of the bundling ("-dirty": uncommitted changes)
         **_run_info(run_dir),
         "run": str(run_dir), "epoch": checkpoint.get("epoch"), "val_ap50": ap50(run_dir),
@@ -106,9 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", type=Path, default=Path("data/toy"), help="the world (val images for the samples)")
     p.add_argument("--out", type=Path, default=Path("assets/toy"))
     p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--made_by", default="tools/toy/run_all.sh", help="the script whose run this is (provenance)")
     args = p.parse_args(argv)
     record = bundle(run_dir=args.run_dir, clip=args.clip, prompt=args.prompt, data=args.data, out=args.out,
-                    samples=args.samples)
+                    samples=args.samples, made_by=args.made_by)
     print(json.dumps({k: record[k] for k in ("run", "epoch", "val_ap50")}))
     megabytes = sum(f["bytes"] for f in record["files"].values()) / 1e6
     print(f"{len(record['files'])} files, {megabytes:.1f} MB -> {args.out}")

@@ -24,26 +24,9 @@ prompt=logs/region_prompt_toy.pth
 relabelled=$data_path/annotations/instances_train2017_base_RN50relabel.json
 localizer_config=configs/toy/toy_dab_ovd_apm_splcls0.2_relabel.sh
 localizer_dir=logs/toy/$(basename "$localizer_config" .sh)/toy
-times=logs/toy/run_all_times.json  # tools.toy.report record writes it
-
-
-run_stage() {  # run_stage NAME OUTPUT-TEST COMMAND...
-    local name=$1 done_test=$2
-    shift 2
-    echo "== $name"
-    if eval "$done_test"; then
-        echo "   done, skipped"
-        return
-    fi
-    local start=$SECONDS
-    "$@"
-    if ! eval "$done_test"; then
-        echo "tools/toy/run_all.sh: stage '$name' did not produce its output" >&2
-        exit 1
-    fi
-    python -m tools.toy.report record "$name" $((SECONDS - start))
-    echo "   $((SECONDS - start)) s"
-}
+times=logs/toy/run_all_times.json  # run_stage (tools/toy/stage.sh) records the wall times there
+# shellcheck source=tools/toy/stage.sh
+. tools/toy/stage.sh
 
 localizer_done() {
     python -m tools.toy.report finished "$localizer_dir"
