@@ -45,6 +45,7 @@ optimum here; the matcher's "masked" cost is the finite 99).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -80,28 +81,72 @@ def solve_padded(cost: torch.Tensor, num_rows: torch.Tensor, num_cols: torch.Ten
     if n == 0 or r_max == 0:
         return torch.full((n, r_max), -1, dtype=torch.int64, device=device)
     rows = torch.arange(r_max, device=device)
-    cols = torch.arange(c_max, device=device)
     row_valid = rows[None] < num_rows[:, None]  # [N, R]
-    col_valid = cols[None] < num_cols[:, None]  # [N, C]
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
-
-    # One pass over the batch: NaN propagates through min and max, ±inf shows in one of them.
-    low, high = torch.aminmax(cost, dim=2)
-    if not bool((torch.isfinite(low) & torch.isfinite(high)).all()):
-        raise NonFiniteCostError(sorted(set((~(torch.isfinite(low) & torch.isfinite(high))).any(1)
-                                            .nonzero().flatten().tolist())))
-    if not bool(col_valid.all()):  # min / max over the valid columns only
-        low, best = torch.where(col_valid[:, None, :], cost, inf.to(cost.dtype)).min(dim=2)
-        high = torch.where(col_valid[:, None, :], cost, -inf.to(cost.dtype)).amax(dim=2)
-    else:
-        best = cost.argmin(dim=2)
+    col_valid = torch.arange(c_max, device=device)[None] < num_cols[:, None]  # [N, C]
+    low, high, best = _row_extremes(cost, col_valid)
     # A constant row costs the same in every column: whatever the others take, it can have any column
     # left over (there are enough, R ≤ C), so it is left out of the search and placed at the end. The
     # matcher's GT boxes without a class-consistent overlapping query are such rows (all 99).
     constant = row_valid & (low == high)
     active_row = row_valid & ~constant
+    state = _initial_assignment(low, best, active_row, c_max)
+    while True:
+        free = active_row & (state.col4row[:, :r_max] < 0)
+        # at most SEARCHES_PER_ROUND per matrix: overlapping searches are thrown away, and on dense
+        # (square-like) problems most of them overlap
+        free &= free.to(torch.int32).cumsum(dim=1) <= SEARCHES_PER_ROUND
+        elem, start = free.nonzero(as_tuple=True)  # searches, by matrix
+        if elem.numel() == 0:
+            break
+        paths = _shortest_paths(cost, elem, start, state, col_valid)
+        _apply_searches(state, paths, elem, start, c_max)
+    return _place_constant_rows(state, constant, row_valid, col_valid)
 
-    # --- start: row minima as row potentials, each contested column to its lowest claiming row
+
+@dataclass
+class _Duals:
+    """The solver's state: potentials `u [N,R]`, `v [N,C]` (float64) and the partial assignment, each table
+    with one spare slot at the end that takes the writes of searches that must not write."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+    col4row: torch.Tensor  # [N, R+1]
+    row4col: torch.Tensor  # [N, C+1]
+
+
+@dataclass
+class _Paths:
+    """One round of concurrent shortest-path searches (Dijkstra on reduced costs), one per free row."""
+
+    spc: torch.Tensor  # [S, C] shortest path cost to each column
+    path: torch.Tensor  # [S, C] the row each column was reached from
+    scanned_rows: torch.Tensor  # [S, R]
+    scanned_cols: torch.Tensor  # [S, C]
+    min_val: torch.Tensor  # [S] length of the augmenting path
+    sink: torch.Tensor  # [S] the free column it reached
+    steps: int
+
+
+def _row_extremes(cost: torch.Tensor, col_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row the minimum and maximum over the valid columns and the arg-minimum; refuses inf / NaN."""
+    # One pass over the batch: NaN propagates through min and max, ±inf shows in one of them.
+    low, high = torch.aminmax(cost, dim=2)
+    if not bool((torch.isfinite(low) & torch.isfinite(high)).all()):
+        raise NonFiniteCostError(sorted(set((~(torch.isfinite(low) & torch.isfinite(high))).any(1)
+                                            .nonzero().flatten().tolist())))
+    if bool(col_valid.all()):
+        return low, high, cost.argmin(dim=2)
+    inf = torch.tensor(float("inf"), dtype=cost.dtype, device=cost.device)
+    low, best = torch.where(col_valid[:, None, :], cost, inf).min(dim=2)
+    high = torch.where(col_valid[:, None, :], cost, -inf).amax(dim=2)
+    return low, high, best
+
+
+def _initial_assignment(low: torch.Tensor, best: torch.Tensor, active_row: torch.Tensor, c_max: int) -> _Duals:
+    """Row minima as row potentials, each contested column to its lowest claiming row."""
+    n, r_max = low.shape
+    device = low.device
+    rows = torch.arange(r_max, device=device)
     u = torch.where(active_row, low.to(torch.float64), 0.0)  # [N, R]
     v = torch.zeros(n, c_max, dtype=torch.float64, device=device)
     claim = torch.where(active_row, rows[None].expand(n, r_max), r_max)  # inactive rows never win
@@ -109,96 +154,109 @@ def solve_padded(cost: torch.Tensor, num_rows: torch.Tensor, num_cols: torch.Ten
     winner = torch.full((n * c_max,), r_max, dtype=torch.int64, device=device)
     winner.scatter_reduce_(0, flat, claim.flatten(), reduce="amin")
     wins = active_row & (winner[flat].view(n, r_max) == rows[None])
-    # one spare slot at the end of each table takes the writes of searches that must not write
     col4row = torch.full((n, r_max + 1), -1, dtype=torch.int64, device=device)
     col4row[:, :r_max] = torch.where(wins, best, -1)
     row4col = torch.full((n, c_max + 1), -1, dtype=torch.int64, device=device)
     win_n, win_r = wins.nonzero(as_tuple=True)
     row4col[win_n, best[win_n, win_r]] = win_r
+    return _Duals(u, v, col4row, row4col)
 
-    # --- shortest augmenting paths, for all free rows at once; a search is applied only if no
-    # lower-numbered search of its matrix scanned one of its columns (module doc)
-    while True:
-        free = active_row & (col4row[:, :r_max] < 0)
-        # at most SEARCHES_PER_ROUND per matrix: overlapping searches are thrown away, and on dense
-        # (square-like) problems most of them overlap
-        free &= free.to(torch.int32).cumsum(dim=1) <= SEARCHES_PER_ROUND
-        elem, start = free.nonzero(as_tuple=True)  # searches, by matrix
-        num = elem.numel()
-        if num == 0:
-            break
-        search = torch.arange(num, device=device)
-        u_s, v_s, owner = u[elem], v[elem], row4col[elem, :c_max]
-        spc = torch.full((num, c_max), float("inf"), dtype=torch.float64, device=device)
-        path = torch.full((num, c_max), -1, dtype=torch.int64, device=device)
-        scanned_rows = torch.zeros(num, r_max, dtype=torch.bool, device=device)
-        scanned_cols = torch.zeros(num, c_max, dtype=torch.bool, device=device)
-        remaining = col_valid[elem].clone()
-        min_val = torch.zeros(num, dtype=torch.float64, device=device)
-        row = start.clone()
-        sink = torch.zeros(num, dtype=torch.int64, device=device)
-        searching = torch.ones(num, dtype=torch.bool, device=device)
-        steps = 0
-        while bool(searching.any()):  # the only host sync of a step
-            steps += 1
-            if steps > r_max + 1:  # each step scans an assigned column's row: at most R − 1 of them, then a free one
-                raise RuntimeError("linear assignment: no augmenting path found (should be impossible when "
-                                   "rows ≤ columns and costs are finite)")
-            scanned_rows[search, row] |= searching
-            reduced = (min_val[:, None] + cost[elem, row].to(torch.float64)
-                       - u_s[search, row][:, None] - v_s)  # [S, C]
-            better = searching[:, None] & remaining & (reduced < spc)
-            spc = torch.where(better, reduced, spc)
-            path = torch.where(better, row[:, None], path)
-            open_spc = torch.where(remaining, spc, inf)
-            lowest = open_spc.min(dim=1).values
-            at_lowest = remaining & (open_spc == lowest[:, None])
-            at_lowest_free = at_lowest & (owner < 0)
-            col = torch.where(at_lowest_free.any(dim=1), at_lowest_free.to(torch.int8).argmax(dim=1),
-                              at_lowest.to(torch.int8).argmax(dim=1))
-            min_val = torch.where(searching, lowest, min_val)
-            scanned_cols[search, col] |= searching
-            remaining[search, col] &= ~searching
-            col_owner = owner[search, col]
-            reached = searching & (col_owner < 0)
-            sink = torch.where(reached, col, sink)
-            row = torch.where(searching & ~reached, col_owner, row)
-            searching &= ~reached
 
-        # which searches apply: none of their columns scanned by a lower-numbered search of the matrix
-        first = torch.full((n * c_max,), num, dtype=torch.int64, device=device)
-        scan_flat = (elem[:, None] * c_max + cols[None]).expand(num, c_max)
-        first.scatter_reduce_(0, scan_flat[scanned_cols], search[:, None].expand(num, c_max)[scanned_cols],
-                              reduce="amin")
-        clash = scanned_cols & (first[scan_flat] != search[:, None])
-        accepted = ~clash.any(dim=1)
+def _shortest_paths(cost: torch.Tensor, elem: torch.Tensor, start: torch.Tensor, state: _Duals,
+                    col_valid: torch.Tensor) -> _Paths:
+    """Dijkstra from each free row `start` of matrix `elem` to its nearest free column, all at once, from the
+    same state; among equally short columns an unassigned one is preferred (ends the search early)."""
+    num, (_, r_max, c_max) = elem.numel(), cost.shape
+    device = cost.device
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
+    search = torch.arange(num, device=device)
+    u_s, v_s, owner = state.u[elem], state.v[elem], state.row4col[elem, :c_max]
+    spc = torch.full((num, c_max), float("inf"), dtype=torch.float64, device=device)
+    path = torch.full((num, c_max), -1, dtype=torch.int64, device=device)
+    scanned_rows = torch.zeros(num, r_max, dtype=torch.bool, device=device)
+    scanned_cols = torch.zeros(num, c_max, dtype=torch.bool, device=device)
+    remaining = col_valid[elem].clone()
+    min_val = torch.zeros(num, dtype=torch.float64, device=device)
+    row = start.clone()
+    sink = torch.zeros(num, dtype=torch.int64, device=device)
+    searching = torch.ones(num, dtype=torch.bool, device=device)
+    steps = 0
+    while bool(searching.any()):  # the only host sync of a step
+        steps += 1
+        if steps > r_max + 1:  # each step scans an assigned column's row: at most R − 1 of them, then a free one
+            raise RuntimeError("linear assignment: no augmenting path found (should be impossible when "
+                               "rows ≤ columns and costs are finite)")
+        scanned_rows[search, row] |= searching
+        reduced = (min_val[:, None] + cost[elem, row].to(torch.float64)
+                   - u_s[search, row][:, None] - v_s)  # [S, C]
+        better = searching[:, None] & remaining & (reduced < spc)
+        spc = torch.where(better, reduced, spc)
+        path = torch.where(better, row[:, None], path)
+        open_spc = torch.where(remaining, spc, inf)
+        lowest = open_spc.min(dim=1).values
+        at_lowest = remaining & (open_spc == lowest[:, None])
+        at_lowest_free = at_lowest & (owner < 0)
+        col = torch.where(at_lowest_free.any(dim=1), at_lowest_free.to(torch.int8).argmax(dim=1),
+                          at_lowest.to(torch.int8).argmax(dim=1))
+        min_val = torch.where(searching, lowest, min_val)
+        scanned_cols[search, col] |= searching
+        remaining[search, col] &= ~searching
+        col_owner = owner[search, col]
+        reached = searching & (col_owner < 0)
+        sink = torch.where(reached, col, sink)
+        row = torch.where(searching & ~reached, col_owner, row)
+        searching &= ~reached
+    return _Paths(spc, path, scanned_rows, scanned_cols, min_val, sink, steps)
 
-        # potentials: start row += min_val; other scanned rows += min_val − spc(their column);
-        # scanned columns −= min_val − spc (≥ 0, so v stays ≤ 0 and unassigned columns keep v = 0).
-        # Applied searches touch disjoint rows and columns, so their updates simply add up.
-        own_spc = spc.gather(1, col4row[elem, :r_max].clamp(min=0))
-        is_start = rows[None] == start[:, None]
-        du = torch.where(scanned_rows & ~is_start, min_val[:, None] - own_spc, 0.0)
-        du = du + torch.where(is_start, min_val[:, None], 0.0)
-        u.index_add_(0, elem, torch.where(accepted[:, None], du, 0.0))
-        dv = torch.where(scanned_cols & accepted[:, None], min_val[:, None] - spc, 0.0)
-        v.index_add_(0, elem, -dv)
 
-        # flip each applied path sink → start (at most `steps` edges); others write to the spare slots
-        going = accepted.clone()
-        col = sink
-        for _ in range(steps):
-            prev_row = path[search, col].clamp(min=0)
-            prev_col = col4row[elem, prev_row]
-            row4col[elem, torch.where(going, col, c_max)] = prev_row
-            col4row[elem, torch.where(going, prev_row, r_max)] = col
-            going = going & (prev_row != start)
-            col = torch.where(going, prev_col, col).clamp(min=0)
+def _apply_searches(state: _Duals, paths: _Paths, elem: torch.Tensor, start: torch.Tensor, c_max: int) -> None:
+    """Apply each search whose columns no lower-numbered search of its matrix scanned (module doc): update the
+    potentials and flip its augmenting path; the others are dropped (their rows search again next round)."""
+    num = elem.numel()
+    n, r_max = state.u.shape
+    device = elem.device
+    rows = torch.arange(r_max, device=device)
+    cols = torch.arange(c_max, device=device)
+    search = torch.arange(num, device=device)
+    first = torch.full((n * c_max,), num, dtype=torch.int64, device=device)
+    scan_flat = (elem[:, None] * c_max + cols[None]).expand(num, c_max)
+    scanned_cols = paths.scanned_cols
+    first.scatter_reduce_(0, scan_flat[scanned_cols], search[:, None].expand(num, c_max)[scanned_cols],
+                          reduce="amin")
+    clash = scanned_cols & (first[scan_flat] != search[:, None])
+    accepted = ~clash.any(dim=1)
 
-    # --- constant rows: the lowest-numbered columns left free, in row order
-    result = col4row[:, :r_max]
+    # potentials: start row += min_val; other scanned rows += min_val − spc(their column);
+    # scanned columns −= min_val − spc (≥ 0, so v stays ≤ 0 and unassigned columns keep v = 0).
+    # Applied searches touch disjoint rows and columns, so their updates simply add up.
+    min_val, spc = paths.min_val, paths.spc
+    own_spc = spc.gather(1, state.col4row[elem, :r_max].clamp(min=0))
+    is_start = rows[None] == start[:, None]
+    du = torch.where(paths.scanned_rows & ~is_start, min_val[:, None] - own_spc, 0.0)
+    du = du + torch.where(is_start, min_val[:, None], 0.0)
+    state.u.index_add_(0, elem, torch.where(accepted[:, None], du, 0.0))
+    dv = torch.where(scanned_cols & accepted[:, None], min_val[:, None] - spc, 0.0)
+    state.v.index_add_(0, elem, -dv)
+
+    # flip each applied path sink → start (at most `steps` edges); others write to the spare slots
+    going = accepted.clone()
+    col = paths.sink
+    for _ in range(paths.steps):
+        prev_row = paths.path[search, col].clamp(min=0)
+        prev_col = state.col4row[elem, prev_row]
+        state.row4col[elem, torch.where(going, col, c_max)] = prev_row
+        state.col4row[elem, torch.where(going, prev_row, r_max)] = col
+        going = going & (prev_row != start)
+        col = torch.where(going, prev_col, col).clamp(min=0)
+
+
+def _place_constant_rows(state: _Duals, constant: torch.Tensor, row_valid: torch.Tensor,
+                         col_valid: torch.Tensor) -> torch.Tensor:
+    """The final col4row: constant rows take the lowest-numbered columns left free, in row order."""
+    r_max, c_max = constant.shape[1], col_valid.shape[1]
+    result = state.col4row[:, :r_max]
     if bool(constant.any()):
-        free_cols = col_valid & (row4col[:, :c_max] < 0)
+        free_cols = col_valid & (state.row4col[:, :c_max] < 0)
         free_order = (~free_cols).to(torch.int8).argsort(dim=1, stable=True)  # free columns first, ascending
         rank = constant.to(torch.int64).cumsum(dim=1) - 1  # k-th constant row of its matrix
         placed = free_order.gather(1, rank.clamp(min=0))

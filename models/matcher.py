@@ -89,9 +89,10 @@ class HungarianMatcher(nn.Module):
         if self.remove_misclassified and "proposal_classes" in outputs:
             # A GT only "has a class" in its own image (−1 elsewhere): cross-image pairs are never valid.
             images = torch.arange(bs, device=cost.device)
-            sizes_t = torch.as_tensor([len(t["boxes"]) for t in targets], device=cost.device)
-            image_of_gt = torch.repeat_interleave(images, sizes_t)  # [ΣT]
+            # built where the labels are (no host-to-device copy, no data-dependent size)
+            image_of_gt = torch.cat([torch.full_like(t["ori_labels"], b) for b, t in enumerate(targets)])  # [ΣT]
             ori = torch.cat([t["ori_labels"] for t in targets]).to(cost.device)
+            image_of_gt = image_of_gt.to(cost.device)
             own_image = image_of_gt.unsqueeze(0) == images.unsqueeze(1)  # [B, ΣT]
             batched_ori = torch.where(own_image, ori.unsqueeze(0), -1)
             valid = outputs["proposal_classes"].unsqueeze(-1) == batched_ori.unsqueeze(1)  # [B, Q, ΣT]
@@ -112,14 +113,33 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def match_layers(self, layers: Sequence[dict], targets: Sequence[dict]) -> list[list[Indices]]:
         """`forward` for several decoder layers' outputs at once: the solver gets the cost matrices of
-        every layer and image in one call (one batch for the torch solver, one host copy each)."""
+        every layer and image in one call (one batch for the torch solver, one host copy each), and which
+        assignments landed on masked pairs is read for all of them at once (`unmasked`)."""
         costs = [c for outputs in layers for c in self.cost_matrices(outputs, targets)]
-        matches = []
-        for c, (rows, cols) in zip(costs, self.solver(costs), strict=True):
-            keep = (c[rows.to(c.device), cols.to(c.device)] < MASKED_COST).cpu()
-            matches.append((rows[keep], cols[keep]))
+        solutions = self.solver(costs)
+        matches = [(rows[keep], cols[keep]) for (rows, cols), keep in zip(solutions, unmasked(costs, solutions),
+                                                                         strict=True)]
         per_layer = len(targets)
         return [matches[i:i + per_layer] for i in range(0, len(matches), per_layer)]
+
+
+def unmasked(costs: Sequence[torch.Tensor], solutions: Sequence[Indices]) -> list[torch.Tensor]:
+    """Per cost matrix, which of its assigned pairs `(rows, cols)` (CPU int64) cost less than `MASKED_COST`
+    (CPU bool). All matrices at once: their costs are read on their device through one index tensor (pinned
+    and copied asynchronously on CUDA) and the answer comes back in one copy, the only host sync."""
+    sizes = [len(rows) for rows, _ in solutions]
+    if sum(sizes) == 0:
+        return [torch.zeros(0, dtype=torch.bool) for _ in sizes]
+    offsets = [0]
+    for c in costs[:-1]:
+        offsets.append(offsets[-1] + c.numel())
+    index = torch.cat([offset + rows * c.shape[1] + cols
+                       for offset, c, (rows, cols) in zip(offsets, costs, solutions, strict=True)])
+    flat = torch.cat([c.reshape(-1) for c in costs])
+    if flat.is_cuda:
+        index = index.pin_memory()
+    picked = flat[index.to(flat.device, non_blocking=True)]
+    return list((picked < MASKED_COST).cpu().split(sizes))
 
 
 def build_matcher(cfg: ModelConfig) -> HungarianMatcher:

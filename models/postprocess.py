@@ -3,13 +3,29 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.ops import batched_nms
+from torchvision.ops import boxes as tv_boxes
 
 from models.config import ModelConfig
 from util.box_ops import box_cxcywh_to_xyxy
 
 SCORE_THRESHOLD = 0.001
 NMS_IOU = 0.5
+
+
+def nms_uses_per_class_variant(num_candidates: int, device: torch.device) -> bool:
+    """Which of its two NMS variants torchvision 0.29's `batched_nms` runs: per-class `nms` on the raw boxes
+    iff `boxes.numel() > 4000` on a CPU (`> 100_000` elsewhere), else one `nms` on class-shifted boxes.
+    Both give the same detections up to float rounding of IoUs near 0.5 and ties (models/pruned_eval.py)."""
+    return 4 * num_candidates > (4000 if device.type == "cpu" else 100_000)
+
+
+def class_wise_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:
+    """`torchvision.ops.batched_nms` as torchvision 0.29 dispatches it, whatever torchvision is installed
+    (older releases switch variants at another size on CUDA): the pruned scoring's exactness argument
+    depends on knowing which variant runs. Indices kept, by decreasing score."""
+    if nms_uses_per_class_variant(boxes.shape[0], boxes.device):
+        return tv_boxes._batched_nms_vanilla(boxes, scores, labels, iou)
+    return tv_boxes._batched_nms_coordinate_trick(boxes, scores, labels, iou)
 
 
 class PostProcess(nn.Module):
@@ -42,7 +58,7 @@ class PostProcess(nn.Module):
                 finite = torch.isfinite(b).all(dim=1) & torch.isfinite(p).all(dim=1)
                 query, label = torch.nonzero((p > SCORE_THRESHOLD) & finite[:, None], as_tuple=True)
                 scores = p[query, label]
-                keep = batched_nms(b[query].float(), scores.float(), label, NMS_IOU)[: self.max_detections]
+                keep = class_wise_nms(b[query].float(), scores.float(), label, NMS_IOU)[: self.max_detections]
                 query, label, scores = query[keep], label[keep], scores[keep]
             else:
                 scores, flat = p.flatten().topk(min(self.max_detections, p.numel()))

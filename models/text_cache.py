@@ -7,6 +7,12 @@ fingerprint of the tower's tensors (names, dtypes, shapes and bytes), `text_len`
 templates and the tokenizer, so changed weights, another `text_len` or other templates read
 another file, and stale embeddings are never returned.
 
+The device is not part of the fingerprint: one file serves CPU and CUDA runs of the same weights. The
+embeddings are always computed in full fp32 (`TextClassifier.embed_names` switches TF32 off,
+`util.numerics`), where a GPU's and a CPU's differ by float rounding only (of the order of 1e-6 on these
+unit vectors, far below what changes a detection; not measured on a GPU yet); TF32's 10-bit mantissa
+would make that about 1e-3, which is why it is never used for them.
+
 Files are `<directory>/<fingerprint>.pt`, `{'format', 'fingerprint', 'text_len', 'embeddings':
 {name: float tensor [D]}}`, read with `torch.load(weights_only=True)` and replaced atomically, so a
 crash or two processes writing at once can lose entries (they are recomputed later) but never leave

@@ -34,9 +34,9 @@ def gen_sineembed_for_position(pos: torch.Tensor, num_pos_feats: int = 128) -> t
     dim_t = 10000 ** (2 * (dim_t // 2) / num_pos_feats)
     scaled = pos[..., None] * (2 * math.pi) / dim_t  # [Q,B,C,F]
     emb = torch.stack((scaled[..., 0::2].sin(), scaled[..., 1::2].cos()), dim=-1).flatten(-2)
-    # y before x, as the original (DETR's image PE is also ordered y, x)
-    order = [1, 0, 2, 3][: pos.shape[-1]]
-    return emb[..., order, :].flatten(-2)
+    # y before x, as the original (DETR's image PE is also ordered y, x); slices, not an index list, which
+    # would be a host-to-device copy per call on a GPU
+    return torch.cat([emb[..., 1:2, :], emb[..., 0:1, :], emb[..., 2:, :]], dim=-2).flatten(-2)
 
 
 class MultiheadAttentionNoInProj(nn.Module):

@@ -20,13 +20,12 @@ from datasets.coco_ovd import COCO_OVD_NOVEL_INDICES
 from models import ModelConfig, build_cora, build_model
 from models.clip import read_clip_archive, resolve_archive_path
 from models.inference import detect
-from models.postprocess import SCORE_THRESHOLD, PostProcess
+from models.postprocess import SCORE_THRESHOLD, PostProcess, class_wise_nms, nms_uses_per_class_variant
 from models.prematch import resolve_boost
 from models.pruned_eval import (
     FILL_LOGIT,
     PruneSpec,
     nms_decisions_certain,
-    nms_uses_per_class_variant,
     pruned_logits,
 )
 from tests import golden
@@ -185,7 +184,8 @@ def test_non_finite_boxes_and_objectness():
 
 
 def test_torchvision_dispatch_matches_the_variant_rule(monkeypatch):
-    """`nms_uses_per_class_variant` mirrors the installed torchvision's `batched_nms` dispatch."""
+    """`nms_uses_per_class_variant` mirrors the installed torchvision's (0.29) `batched_nms` dispatch, and
+    PostProcess's `class_wise_nms` runs the variant it names with batched_nms's result."""
     from torchvision.ops import boxes as tv_boxes
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -201,6 +201,11 @@ def test_torchvision_dispatch_matches_the_variant_rule(monkeypatch):
             b[:, 2:] += b[:, :2]
             torchvision.ops.batched_nms(b, torch.rand(n, device=device), torch.randint(0, 5, (n,), device=device), 0.5)
             assert called == ["v" if nms_uses_per_class_variant(n, device) else "t"], (device, n, called)
+            scores, labels = torch.rand(n, device=device), torch.randint(0, 5, (n,), device=device)
+            called.clear()
+            expected = torchvision.ops.batched_nms(b, scores, labels, 0.5)
+            assert torch.equal(class_wise_nms(b, scores, labels, 0.5), expected)
+            assert len(called) == 2 and called[0] == called[1], called
 
 
 def test_certain_iou_decisions_hold_under_every_rounding():

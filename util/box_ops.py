@@ -1,4 +1,6 @@
 """Box format conversions, IoU / GIoU, and the logit used for box refinement."""
+import os
+
 import torch
 from torchvision.ops.boxes import box_area
 
@@ -25,15 +27,24 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, t
     return inter / union, union
 
 
+# GIoU's degenerate-box check reads the boxes on the host: free on the CPU, a stall of the GPU queue on CUDA
+# (twice per call, four calls per decoder layer and training iteration). On CUDA it runs only with
+# CORA_CHECK_BOXES=1 (debugging); without it a degenerate (NaN) box shows as a non-finite loss, which stops
+# training (util.run.check_finite).
+CHECK_BOXES_ON_DEVICE = os.environ.get("CORA_CHECK_BOXES", "") == "1"
+
+
 def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """Pairwise GIoU (https://giou.stanford.edu/) of xyxy boxes: `[N,4] x [M,4] -> [N,M]`.
 
-    Degenerate boxes (x1 < x0) would give inf/nan, so they are rejected early.
+    Degenerate boxes (x1 < x0, or NaN) would give inf/nan, so they are rejected early: a ValueError on the
+    CPU; on a GPU only with CORA_CHECK_BOXES=1 (`CHECK_BOXES_ON_DEVICE`), since the check syncs with the host.
     """
-    if not (boxes1[:, 2:] >= boxes1[:, :2]).all():
-        raise ValueError(f"generalized_box_iou: boxes1 has degenerate boxes (x1 < x0 or y1 < y0): {boxes1}")
-    if not (boxes2[:, 2:] >= boxes2[:, :2]).all():
-        raise ValueError(f"generalized_box_iou: boxes2 has degenerate boxes (x1 < x0 or y1 < y0): {boxes2}")
+    if boxes1.device.type == "cpu" or CHECK_BOXES_ON_DEVICE:
+        if not (boxes1[:, 2:] >= boxes1[:, :2]).all():
+            raise ValueError(f"generalized_box_iou: boxes1 has degenerate boxes (x1 < x0 or y1 < y0): {boxes1}")
+        if not (boxes2[:, 2:] >= boxes2[:, :2]).all():
+            raise ValueError(f"generalized_box_iou: boxes2 has degenerate boxes (x1 < x0 or y1 < y0): {boxes2}")
     iou, union = box_iou(boxes1, boxes2)
     lt = torch.min(boxes1[:, None, :2], boxes2[:, :2])
     rb = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])

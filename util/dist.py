@@ -182,12 +182,23 @@ def _is_cuda(device: Any) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def cuda_index(local_rank: int, device_count: int | None = None) -> int:
+    """The CUDA device of the process with `local_rank`: `local_rank % device_count` (default the visible
+    GPUs). A launcher that gives each task its own GPU (slurm's `--gpus-per-task`, a per-rank
+    `CUDA_VISIBLE_DEVICES`) leaves one visible device, cuda:0, while the local ranks go 0, 1, ...;
+    with every GPU of the node visible it is the local rank itself."""
+    count = torch.cuda.device_count() if device_count is None else device_count
+    if count < 1:
+        raise RuntimeError(f"local rank {local_rank}: a CUDA run, but no CUDA device is visible to this process")
+    return local_rank % count
+
+
 def init_distributed_mode(args: Any) -> DistEnv:
     """Set `args.distributed`, `args.rank`, `args.world_size`, `args.gpu` (local rank),
     `args.dist_url`, `args.dist_backend` from the environment, and join the process group.
 
-    The backend follows `args.device` (NCCL for CUDA, gloo otherwise); without a `device`
-    attribute CUDA is used when available. Returns the detected `DistEnv`.
+    The backend follows `args.device` (NCCL for CUDA, gloo otherwise; an empty one means CUDA when
+    available). Returns the detected `DistEnv`.
     """
     info = detect_dist_env()
     args.rank, args.world_size, args.gpu = info.rank, info.world_size, info.local_rank
@@ -207,9 +218,9 @@ def init_distributed_mode(args: Any) -> DistEnv:
         )
     args.distributed = True
     args.dist_url = "env://"
-    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if _is_cuda(device):
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(cuda_index(info.local_rank))
         args.dist_backend = "nccl"
     else:
         args.dist_backend = "gloo"

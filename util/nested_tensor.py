@@ -13,6 +13,12 @@ class NestedTensor:
         mask = self.mask.to(device, non_blocking=non_blocking) if self.mask is not None else None
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
 
+    def pin_memory(self) -> NestedTensor:
+        """Page-locked copies (the DataLoader's `pin_memory=True` calls this on each batch), so that
+        `.to(cuda, non_blocking=True)` copies asynchronously."""
+        mask = self.mask.pin_memory() if self.mask is not None else None
+        return NestedTensor(self.tensors.pin_memory(), mask)
+
     def decompose(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.tensors, self.mask
 
