@@ -82,6 +82,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="region prompt file; only for a checkpoint without CLIP weights")
     p.add_argument("--device", default="", help="cuda, cuda:1, cpu, ... (default cuda when available, else cpu)")
     p.add_argument("--cpu", action="store_true", help="same as --device cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: the network in bfloat16 (CPUs with AVX512-BF16 / AMX, GPUs); detections differ "
+                        "slightly, speed depends on the hardware (README, Speed; default %(default)s: the "
+                        "evaluation's numbers)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1,
                    help="images per forward pass (default %(default)s); more pads images of different sizes, "
                         "which changes their scores slightly")
@@ -191,7 +195,7 @@ def load_predictor(args, job: Job):
         job.checkpoint, clip_archive=args.model_path or (TOY_CLIP if job.toy else None),
         region_prompt=args.region_prompt_path or (TOY_PROMPT if job.toy else None),
         device="cpu" if args.cpu else (args.device or None), cache_dir=args.text_cache_dir or None,
-        disk_cache=not args.no_text_cache)
+        disk_cache=not args.no_text_cache, precision=args.precision)
     names = job.vocabulary
     print(f"model {job.checkpoint} on {predictor.device} ({time.time() - started:.1f} s); vocabulary: "
           f"{len(names)} classes ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}); "

@@ -316,7 +316,7 @@ def serve(args) -> int:
     predictor = Predictor.from_checkpoint(
         checkpoint, clip_archive=args.model_path or (TOY_CLIP if toy else None),
         region_prompt=args.region_prompt_path or (TOY_PROMPT if toy else None), device=device,
-        cache_dir=args.text_cache_dir or None, disk_cache=not args.no_text_cache)
+        cache_dir=args.text_cache_dir or None, disk_cache=not args.no_text_cache, precision=args.precision)
     app = build_app(predictor, toy=toy, vocabulary=args.custom_vocabulary or "", lvis_json=args.lvis_json,
                     examples=examples, score_threshold=args.confidence_threshold,
                     max_detections=args.max_detections, title=model_title(checkpoint, toy, predictor))

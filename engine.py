@@ -81,7 +81,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         reduced = dist.reduce_dict(loss_dict)
         reduced_scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
         reduced_unscaled = {f"{k}_unscaled": v for k, v in reduced.items()}
-        loss_value = sum(reduced_scaled.values()).item()
+        # every meter's value in one copy to the host (one sync, not one per meter); float64 holds each exactly
+        meters = {"loss": sum(reduced_scaled.values()), **reduced_scaled, **reduced_unscaled}
+        meters = dict(zip(meters, torch.stack([v.detach().reshape(()).double() for v in meters.values()]).tolist()))
+        loss_value = meters["loss"]
         check_finite(loss_value, reduced, where=f"epoch {epoch} iteration {iteration}")
 
         optimizer.zero_grad()
@@ -92,8 +95,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         if model_ema is not None:
             model_ema.update(model)
 
-        logger.update(loss=loss_value, **reduced_scaled, **reduced_unscaled)
-        logger.update(class_error=reduced.get("class_error", torch.zeros(())).item())
+        logger.update(**meters)
+        logger.update(class_error=meters.get("class_error_unscaled", 0.0))
         logger.update(lr=optimizer.param_groups[0]["lr"])
     logger.synchronize_between_processes()
     print("Averaged stats:", logger, flush=True)
@@ -128,8 +131,11 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_
         weight_dict = criterion.weight_dict
         reduced = dist.reduce_dict(loss_dict)
         reduced_scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
-        logger.update(loss=sum(reduced_scaled.values()).item(), **reduced_scaled,
-                      **{f"{k}_unscaled": v for k, v in reduced.items()})
+        meters = {"loss": sum(reduced_scaled.values()), **reduced_scaled,
+                  **{f"{k}_unscaled": v for k, v in reduced.items()}}
+        # every meter's value in one copy to the host (one sync, not one per meter); float64 holds each exactly
+        logger.update(**dict(zip(meters, torch.stack([v.detach().reshape(()).double() for v in meters.values()])
+                                 .tolist())))
         evaluator.update({int(t["image_id"].item()): r for t, r in zip(targets, detected.results)})
     logger.synchronize_between_processes()
     print("Averaged stats:", logger, flush=True)

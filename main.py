@@ -24,9 +24,10 @@ from util import dist
 from util.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from util.ema import ModelEMA
 from util.nested_tensor import collate_fn
+from util.numerics import set_tf32
 from util.optim import build_optimizer
-from util.rng import rng_state, set_rng_state
-from util.run import NonFiniteLossError, append_log, logged_epochs, resume_path, start_run
+from util.rng import checkpoint_rng_state, rng_state, set_rng_state
+from util.run import append_log, logged_epochs, resume_path, run_cli, start_run
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -118,6 +119,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_best", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dist_url", default="env://")
+    p.add_argument("--allow_tf32", action="store_true",
+                   help="TF32 matmuls and cuDNN convolutions in training (Ampere or later GPUs; speed only, default "
+                        "off: full fp32 as the original). Evaluation always runs without TF32 (util/numerics.py)")
     return p
 
 
@@ -241,13 +245,15 @@ class Localizer:
             set_rng_state(checkpoint["rng_state"])
         return int(checkpoint["epoch"])
 
-    def snapshot(self, epoch: int, pending_log: dict | None = None) -> dict:
-        """The original's checkpoint layout, plus the random states for an exact resume and, until the
-        epoch's evaluation and log line are written, that log line's training part (`pending_log`)."""
+    def snapshot(self, epoch: int, pending_log: dict | None = None, rng: dict | None = None) -> dict:
+        """The original's checkpoint layout, plus the random states for an exact resume (`rng`: every rank's,
+        from `util.rng.checkpoint_rng_state()`; default this process's) and, until the epoch's evaluation and
+        log line are written, that log line's training part (`pending_log`)."""
         state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "lr_scheduler": self.lr_scheduler.state_dict(), "epoch": epoch, "args": self.args,
                  "best_performance": self.best_performance,
-                 "model_ema": self.ema.state_dict() if self.ema is not None else -1, "rng_state": rng_state()}
+                 "model_ema": self.ema.state_dict() if self.ema is not None else -1,
+                 "rng_state": rng if rng is not None else rng_state()}
         if pending_log is not None:
             state["pending_log"] = pending_log
         return state
@@ -272,7 +278,8 @@ def finish_epoch(args, run: Localizer, epoch: int, log_stats: dict, evaluate_now
     if (epoch + 1) % args.eval_every_epoch == 0:
         # Evaluation draws random numbers too (the val resize's random.choice, loader seeds); it leaves
         # the states as it found them, so that a run resumed from checkpoint.pth continues identically.
-        state = rng_state()
+        # (checkpoint_rng_state is a collective: gathered here, before any rank-0 branch)
+        state, every_rank = rng_state(), checkpoint_rng_state()
         test_stats, stats, evaluator = evaluate_now()
         set_rng_state(state)
         log_stats = {**log_stats, **{f"test_{k}": v for k, v in test_stats.items()}}
@@ -280,7 +287,7 @@ def finish_epoch(args, run: Localizer, epoch: int, log_stats: dict, evaluate_now
         if performance > run.best_performance:
             run.best_performance = performance
             if args.save_best and output_dir and dist.is_main_process():
-                save_checkpoint(run.snapshot(epoch), output_dir / "checkpoint_best.pth")
+                save_checkpoint(run.snapshot(epoch, rng=every_rank), output_dir / "checkpoint_best.pth")
         if output_dir and dist.is_main_process():
             (output_dir / "eval").mkdir(exist_ok=True)
             eval_state = evaluator.eval_state()
@@ -307,6 +314,7 @@ def main(args):
     check_args(args)
     output_dir = Path(args.output_dir) if args.output_dir else None
     device = start_run(args, output_dir)
+    set_tf32(args.allow_tf32)  # models.inference.detect switches it off for evaluation and restores it
     cfg = ModelConfig.from_args(args)
     # The data first: a missing image or a json without boxes stops the run before the model is built.
     dataset_val = build_dataset("val", args)
@@ -354,27 +362,17 @@ def main(args):
         run.lr_scheduler.step()
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                      "n_parameters": n_parameters}
+        rng = checkpoint_rng_state()  # every rank's generators (a collective: all ranks call it)
         if output_dir and dist.is_main_process():
             # Saved before the evaluation, which a kill may interrupt: the resumed run finishes it.
-            save_checkpoint(run.snapshot(epoch, pending_log=log_stats), output_dir / "checkpoint.pth")
+            save_checkpoint(run.snapshot(epoch, pending_log=log_stats, rng=rng), output_dir / "checkpoint.pth")
             if (epoch + 1) % args.save_every_epoch == 0:
-                save_checkpoint(run.snapshot(epoch), output_dir / f"checkpoint{epoch:04}.pth")
+                save_checkpoint(run.snapshot(epoch, rng=rng), output_dir / f"checkpoint{epoch:04}.pth")
         finish_epoch(args, run, epoch, log_stats, evaluate_now, output_dir)
     total = time.time() - start_time
     print(f"Training time {time.strftime('%H:%M:%S', time.gmtime(total))}")
     return None
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python main.py ...`: errors a user can fix (files, flags, checkpoints) as one message, not a traceback."""
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (FileNotFoundError, ValueError, CheckpointError, NonFiniteLossError) as e:
-        print(f"main.py: error: {e}", file=sys.stderr, flush=True)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_cli(main, get_args_parser().parse_args(), "main.py"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from util.numerics import strict_fp32
 from util.torchscript_archive import read_state_dict
 
 CLIP_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "clip")
@@ -233,8 +235,15 @@ class TextClassifier(nn.Module):
 
     A name's embedding is the L2-normalised mean of the L2-normalised embeddings of the 80
     prompt templates, encoded with the first `text_len` positions of the context. Embeddings are
-    frozen, so each name is encoded once and cached (on CPU; not part of the state dict).
+    frozen, so each name is encoded once and cached (`cache`: name -> `[D]` on the CPU; entries are
+    added, never replaced; `models.text_cache` fills it from disk). Per vocabulary (the tuple of names a
+    forward gets) the stacked `[C, D]` tensor is kept on the module's device and returned again by later
+    forwards (training, evaluation, the EMA copy), so a forward copies nothing to the GPU; the last
+    `VOCABULARIES_KEPT` vocabularies are kept. None of this is part of the state dict; loading weights
+    clears both caches, moving the module (`.to`, `.cuda`, ...) the stacked tensors.
     """
+
+    VOCABULARIES_KEPT = 4
 
     def __init__(self, arch: CLIPArchitecture, *, text_len: int = 77,
                  projection_dtype: torch.dtype = torch.float16, positional_dtype: torch.dtype = torch.float32):
@@ -262,6 +271,7 @@ class TextClassifier(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         self.cache: dict[str, torch.Tensor] = {}
+        self._stacked: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()  # vocabulary -> [C, D], on device
         self._tokenizer = SimpleTokenizer()
         self._prompt_tokens: dict[str, int] = {}  # name -> tokens of its longest prompt (SOT, EOT included)
         self._template_overhead: int | None = None
@@ -280,11 +290,18 @@ class TextClassifier(nn.Module):
         text["text_projection"] = self.text_projection.data
         self.load_state_dict(text, strict=True)
         self.cache.clear()
+        self._stacked.clear()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Loading new weights (a checkpoint's classifier) invalidates cached embeddings.
         self.cache.clear()
+        self._stacked.clear()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() ...: the stacked vocabularies are rebuilt on the module's new device
+        self._stacked.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def prompt_length(self, name: str) -> int:
         """Tokens of the name's longest prompt among the 80 templates, start and end tokens included."""
@@ -327,8 +344,9 @@ class TextClassifier(nn.Module):
         return x @ self.text_projection.to(x.dtype)
 
     @torch.no_grad()
+    @strict_fp32()  # cached and reused by evaluation: never TF32, whatever training allows (util/numerics.py)
     def embed_names(self, names: Sequence[str]) -> torch.Tensor:
-        """`[C, D]` prompt-ensemble embeddings of `names`, computed without the cache."""
+        """`[C, D]` prompt-ensemble embeddings of `names`, computed without the cache (in full fp32)."""
         device = self.token_embedding.weight.device
         prompts = [t.format(name) for name in names for t in PROMPT_TEMPLATES]
         tokens = self.tokenize(prompts).to(device)
@@ -340,12 +358,22 @@ class TextClassifier(nn.Module):
         """Category names -> `[C, D]` L2-normalised text embeddings on the module's device."""
         if len(categories) == 0:
             raise ValueError("categories: got an empty list; the detector needs at least one class name")
+        vocabulary = tuple(categories)
+        device = self.token_embedding.weight.device
+        stacked = self._stacked.get(vocabulary)
+        # (one made under torch.inference_mode cannot enter autograd outside it: made again there)
+        if stacked is not None and stacked.device == device and (torch.is_inference_mode_enabled()
+                                                                  or not stacked.is_inference()):
+            self._stacked.move_to_end(vocabulary)
+            return stacked
         new = list(dict.fromkeys(c for c in categories if c not in self.cache))
         if new:
-            for name, emb in zip(new, self.embed_names(new)):
-                self.cache[name] = emb.cpu()
-        device = self.token_embedding.weight.device
-        return torch.stack([self.cache[c] for c in categories]).to(device)
+            self.cache.update(zip(new, self.embed_names(new).cpu()))  # one copy to the host
+        stacked = torch.stack([self.cache[c] for c in vocabulary]).to(device)
+        self._stacked[vocabulary] = stacked
+        while len(self._stacked) > self.VOCABULARIES_KEPT:
+            self._stacked.popitem(last=False)
+        return stacked
 
 
 def build_text_classifier(arch: CLIPArchitecture, text_len: int,

@@ -28,6 +28,7 @@ from models.detector import CORA
 from models.postprocess import PostProcess
 from models.prematch import NovelBoost
 from models.pruned_eval import PruneSpec, pruned_detection_logits
+from util.numerics import strict_fp32
 
 EVAL_TAU = 100.0  # softmax temperature of the region classification (the original's --eval_tau default)
 
@@ -48,6 +49,7 @@ def unwrap(model: nn.Module) -> CORA:
 
 
 @torch.no_grad()
+@strict_fp32()  # full fp32 (no TF32) whatever training used: util/numerics.py
 def detect(model: nn.Module, samples, categories: Sequence[str], *, postprocess: PostProcess,
            target_sizes: torch.Tensor, boost: NovelBoost | None = None, prune: bool = True) -> Detected:
     """Detect `categories` in `samples` (NestedTensor, `[B,3,H,W]` or list of `[3,H,W]`) with a model in
@@ -58,6 +60,8 @@ def detect(model: nn.Module, samples, categories: Sequence[str], *, postprocess:
     if model.training:
         raise RuntimeError("detect: the model is in training mode; call model.eval() first")
     outputs = model(samples, categories, boost=boost)
+    # scores and boxes in fp32 even where an autocast region (the Predictor's opt-in bf16) computed them
+    outputs["pred_logits"], outputs["pred_boxes"] = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
     spec = PruneSpec.for_postprocess(postprocess, prune=prune)
     class_logits, scored = pruned_detection_logits(
         model.backbone.trunk, outputs["layer3"], outputs["pred_boxes"], outputs["text_features"],

@@ -49,6 +49,7 @@ from util.checkpoint import CheckpointError, load_checkpoint, pick_weights
 from util.device import resolve_device
 from util.image import to_rgb
 from util.nested_tensor import nested_tensor_from_tensor_list
+from util.numerics import set_tf32
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 # The trunk maps a side of n pixels to ceil(n/2) and then halves it (floor) four times: n < 31 leaves
@@ -164,14 +165,21 @@ class Predictor:
     cache_dir / disk_cache: where text embeddings are kept between processes (default
     `models.text_cache.default_cache_dir()`); `disk_cache=False` keeps them in memory only.
     device: 'cuda', 'cpu', ...; default cuda when available, else cpu.
+    precision: 'fp32' (default: the evaluation's numbers) or 'bf16' (opt-in, for the demos: the trunk, the
+    transformer and the region head's matrix products in bfloat16 under autocast, on a CPU with native
+    bf16 (AVX512-BF16 / AMX) or a GPU that has it; scores, boxes, pre-matching and region-text
+    similarities stay fp32; detections differ slightly, `main.py --eval` never uses it).
     """
+
+    PRECISIONS = ("fp32", "bf16")
 
     def __init__(self, model: CORA, *, use_nms: bool = True, target_class_factor: float = 1.0, resize: bool = True,
                  cache_dir: str | os.PathLike | None = None, disk_cache: bool = True,
-                 device: str | torch.device | None = None, image_scale: float = 1.0):
+                 device: str | torch.device | None = None, image_scale: float = 1.0, precision: str = "fp32"):
         if not image_scale > 0:
             raise ValueError(f"image_scale {image_scale}: must be positive")
         self.device = resolve_device(device)
+        self.precision = check_precision(precision, self.device)
         self.image_scale = float(image_scale)
         self.use_nms = use_nms
         self.target_class_factor = float(target_class_factor)
@@ -180,6 +188,7 @@ class Predictor:
         self.text_cache = (TextEmbeddingDiskCache(cache_dir or default_cache_dir(),
                                                   text_tower_fingerprint(model.classifier))
                            if disk_cache else None)
+        set_tf32(False)  # parity numerics, process-wide: no TF32 matmuls / convolutions (util/numerics.py)
         self.model = model.to(self.device).eval()
         self._warned_cut: set[str] = set()
         self._to_tensor = Compose(transforms=[ToRGB(), ToTensor(), Normalize(mean=CLIP_MEAN, std=CLIP_STD)])
@@ -189,7 +198,8 @@ class Predictor:
                         region_prompt: str | os.PathLike | None = None, use_ema: bool = True,
                         device: str | torch.device | None = None, cache_dir: str | os.PathLike | None = None,
                         disk_cache: bool = True, resize: bool = True, use_nms: bool | None = None,
-                        target_class_factor: float | None = None, image_scale: float | None = None) -> Predictor:
+                        target_class_factor: float | None = None, image_scale: float | None = None,
+                        precision: str = "fp32") -> Predictor:
         """Build the model a checkpoint describes and load its weights (`model_ema` when present and
         `use_ema`, else `model`; a bare state dict is accepted too).
 
@@ -198,7 +208,8 @@ class Predictor:
         or region prompt is read. `clip_archive` (OpenAI's `RN50.pt`, ...) and `region_prompt` are only
         used for a detector-only checkpoint (no `backbone.0.*` / `classifier.*` tensors).
         use_nms / target_class_factor / image_scale: default to the checkpoint's `--use_nms` /
-        `--target_class_factor` / `--image_scale` (1 when the checkpoint stores none).
+        `--target_class_factor` / `--image_scale` (1 when the checkpoint stores none). precision: as for
+        the constructor.
         """
         source = str(checkpoint_path)
         checkpoint = load_checkpoint(checkpoint_path)
@@ -219,7 +230,8 @@ class Predictor:
             image_scale = float(getattr(stored, "image_scale", 1.0) if stored is not None else 1.0)
         return cls(model, use_nms=cfg.use_nms if use_nms is None else use_nms,
                    target_class_factor=cfg.target_class_factor if target_class_factor is None else target_class_factor,
-                   resize=resize, cache_dir=cache_dir, disk_cache=disk_cache, device=device, image_scale=image_scale)
+                   resize=resize, cache_dir=cache_dir, disk_cache=disk_cache, device=device, image_scale=image_scale,
+                   precision=precision)
 
     # ---------------------------------------------------------------- pieces of predict()
     def preprocess(self, image: ImageInput, *, index: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -294,8 +306,9 @@ class Predictor:
         samples = nested_tensor_from_tensor_list([t.to(self.device, torch.float32) for t in tensors])
         target_sizes = torch.as_tensor([list(s) for s in sizes], device=self.device)
         post = PostProcess(max_detections=int(max_detections), use_nms=self.use_nms)
-        results = detect(self.model, samples, list(names), postprocess=post, target_sizes=target_sizes,
-                         boost=boost).results
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            results = detect(self.model, samples, list(names), postprocess=post, target_sizes=target_sizes,
+                             boost=boost).results
         factor = boost.factor if boost is not None else 1.0
         detections = []
         for i, (res, (h, w)) in enumerate(zip(results, sizes)):
@@ -343,6 +356,24 @@ class Predictor:
                                    score_threshold=score_threshold, max_detections=max_detections,
                                    novel_indices=novel_indices, clip_boxes=clip_boxes, sources=sources))
         return out
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    """`precision` if the device can run it: 'fp32' anywhere, 'bf16' on a CPU with native bfloat16
+    (oneDNN's AVX512-BF16 / AMX kernels) or a CUDA device that supports it."""
+    if precision not in Predictor.PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {list(Predictor.PRECISIONS)}")
+    if precision == "bf16":
+        if device.type == "cpu":
+            supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        elif device.type == "cuda":
+            supported = torch.cuda.is_bf16_supported()
+        else:
+            supported = False
+        if not supported:
+            raise ValueError(f"precision 'bf16': this {device.type} has no native bfloat16 support (a CPU needs "
+                             f"AVX512-BF16 or AMX); use precision 'fp32'")
+    return precision
 
 
 def _detector_only_config(weights, stored, source: str, clip_archive, region_prompt) -> ModelConfig:

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from models.backbone import valid_sizes
+from models.backbone import fast_eval_enabled, valid_sizes
 from models.clip import multi_head_pool
-from models.region_head import boxes_to_feature_xyxy
+from models.region_head import boxes_to_feature_xyxy, roi_axis_weights
 from util.nested_tensor import NestedTensor
 
 PREMATCH_TAU = 100.0  # softmax temperature, hard-coded in the original
@@ -72,7 +72,17 @@ def efficient_region_embeddings(attn_pool: nn.Module, layer4: NestedTensor, boxe
     plus the positional embedding's projection (no bias). The mean token is thus never a key or value,
     unlike CLIP's own pooling ("I keep a bug here to trade accuracy for efficiency"), and RoIAlign's
     zeros outside the map attenuate the biases of boxes crossing the border. Runs in fp32.
+
+    At evaluation (the attention pool in eval mode, outside `models.backbone.reference_eval()`) the same
+    function is computed without materialising the S x S aligned q/k/v vectors of every box, which
+    costs 3E channels of RoIAlign per box: RoIAlign is linear and separable (`models.region_head`), so
+    with the per-box weights `Wy [S,h]`, `Wx [S,w]` the query is `(mean Wy ⊗ mean Wx)·Q + q_pe`, a head's
+    scores are the RoIAlign of the one-channel map `q_h·K_h` plus `q_h·k_pe`, and its output is
+    `sum_yx A_h[y,x] V_h[y,x] + sum_j a_hj v_pe[j]` with `A_h = Wy^T a_h Wx` the attention spread back
+    onto the pixels: three `N x (h·w) x E` products per image. Same result up to float rounding.
     """
+    if not attn_pool.training and fast_eval_enabled():
+        return _fast_region_embeddings(attn_pool, layer4, boxes, chunk_size)
     b, n, _ = boxes.shape
     grid = round((attn_pool.positional_embedding.shape[0] - 1) ** 0.5)
     pe = attn_pool.positional_embedding.float()
@@ -101,6 +111,50 @@ def efficient_region_embeddings(attn_pool: nn.Module, layer4: NestedTensor, boxe
             pooled = multi_head_pool(q, k, v, attn_pool.num_heads)[:, 0]
             out.append(F.linear(pooled, attn_pool.c_proj.weight.float(), attn_pool.c_proj.bias.float()))
         emb = torch.cat(out) if out else qkv.new_zeros(0, attn_pool.c_proj.out_features)
+    return F.normalize(emb, dim=-1).reshape(b, n, -1)
+
+
+def _fast_region_embeddings(attn_pool: nn.Module, layer4: NestedTensor, boxes: torch.Tensor,
+                            chunk_size: int) -> torch.Tensor:
+    """`efficient_region_embeddings` computed through the pixels (its docstring); `[B,N,D]` normalised."""
+    b, n, _ = boxes.shape
+    grid = round((attn_pool.positional_embedding.shape[0] - 1) ** 0.5)
+    heads = attn_pool.num_heads
+    with torch.autocast(device_type=boxes.device.type, enabled=False):
+        pe = attn_pool.positional_embedding.float()
+        wq, wk, wv = (proj.weight.float() for proj in (attn_pool.q_proj, attn_pool.k_proj, attn_pool.v_proj))
+        e = wq.shape[0]
+        head_dim = e // heads
+        q_pe = pe[0] @ wq.t()  # [E]
+        k_pe = (pe[1:] @ wk.t()).view(-1, heads, head_dim)  # [S*S,H,d]
+        v_pe = (pe[1:] @ wv.t()).view(-1, heads, head_dim)
+        sizes = valid_sizes(layer4.mask)
+        height, width = layer4.tensors.shape[-2:]
+        out = []
+        for i in range(b):
+            x = layer4.tensors[i].float().permute(1, 2, 0).reshape(height * width, -1)  # [h*w,C]
+            q_map = F.linear(x, wq, attn_pool.q_proj.bias.float())  # [h*w,E]
+            k_map = F.linear(x, wk, attn_pool.k_proj.bias.float()).view(-1, heads, head_dim).transpose(0, 1)
+            v_map = F.linear(x, wv, attn_pool.v_proj.bias.float()).view(-1, heads, head_dim).transpose(0, 1)
+            xyxy = boxes_to_feature_xyxy(boxes[i:i + 1].float(), sizes[i:i + 1])[0]
+            wy, _ = roi_axis_weights(xyxy[:, 1], xyxy[:, 3], grid, height)  # [N,S,h]
+            wx, _ = roi_axis_weights(xyxy[:, 0], xyxy[:, 2], grid, width)  # [N,S,w]
+            for part in torch.arange(n, device=boxes.device).split(chunk_size):
+                py, px = wy[part], wx[part]
+                k = part.shape[0]
+                mean_weights = (py.mean(dim=1)[:, :, None] * px.mean(dim=1)[:, None, :]).view(k, -1)  # [K,h*w]
+                q = (mean_weights @ q_map + q_pe) * head_dim ** -0.5  # [K,E]
+                q_heads = q.view(k, heads, head_dim).transpose(0, 1)  # [H,K,d]
+                score_map = torch.bmm(q_heads, k_map.transpose(1, 2)).view(heads, k, height, width)  # [H,K,h,w]
+                scores = torch.einsum("kiy,hkyx,kjx->khij", py, score_map, px).reshape(k, heads, -1)
+                scores = scores + torch.einsum("hkd,jhd->khj", q_heads, k_pe)
+                attn = torch.softmax(scores, dim=-1)  # [K,H,S*S]
+                spread = torch.einsum("khij,kiy,kjx->hkyx", attn.view(k, heads, grid, grid), py, px)
+                pooled = torch.bmm(spread.reshape(heads, k, -1), v_map)  # [H,K,d]
+                pooled = pooled + torch.einsum("khj,jhd->hkd", attn, v_pe)
+                pooled = pooled.transpose(0, 1).reshape(k, e)
+                out.append(F.linear(pooled, attn_pool.c_proj.weight.float(), attn_pool.c_proj.bias.float()))
+        emb = torch.cat(out) if out else boxes.new_zeros(0, attn_pool.c_proj.out_features)
     return F.normalize(emb, dim=-1).reshape(b, n, -1)
 
 

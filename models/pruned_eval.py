@@ -61,6 +61,19 @@ softmax(100·cos) turns into ~4e-6 relative on a score). So the full path (`prun
 `--no_prune_eval`) is not one pass over all Q boxes: it scores the same per-image chunks as the pruned
 path, then the rest, and every scored query's logit is bit-identical in both modes.
 
+The schedule. Each image's potential queries are scored in rounds of descending bound; how many per
+round depends only on that image's objectness and the device, never on the scores. (i) Up front,
+`first_stop_position` finds the fewest scored queries p* at which stopping is possible at all: with p
+queries scored, at most `min(C, floor(β_i / β))` classes of query i can score above β (its class
+probabilities sum to ≤ 1), and stopping needs K kept detections above the next bound β; this count
+grows with p, so the first round scores at least p* queries. (ii) Before running PostProcess, a check
+asks for at least K candidate scores above β (necessary for the same reason), so a round that cannot
+stop costs a comparison, not an NMS. (iii) On a CPU the rounds grow slowly (50 × 1.25ⁿ: one box
+through layer4 costs far more than a check); on CUDA they start at 256 and double (each check waits
+for the device: a few large rounds). All three only decide *when* to check, so the argument above is
+unchanged. `models.backbone.reference_eval()` restores the earlier schedule (50 × 1.25ⁿ everywhere, a
+PostProcess at every check) for benchmarks.
+
 Logged evaluation losses: engine.evaluate's logging criterion reads `pred_logits` of every query, so
 under pruning its `loss_ce`/`class_error` (and matches) see the fill logits of unscored queries: the
 logged eval losses are not the full path's, the evaluation statistics are. `--no_prune_eval` gives
@@ -74,9 +87,9 @@ from dataclasses import dataclass
 
 import torch
 
-from models.backbone import Backbone
-from models.postprocess import SCORE_THRESHOLD, PostProcess
-from models.region_head import detection_logits, region_embeddings
+from models.backbone import Backbone, fast_eval_enabled
+from models.postprocess import SCORE_THRESHOLD, PostProcess, nms_uses_per_class_variant
+from models.region_head import RegionHead, detection_logits, region_embeddings, uses_fast_path
 from util.box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
 from util.nested_tensor import NestedTensor
 
@@ -87,11 +100,9 @@ COUNT_SLACK = 1e-3
 FILL_LOGIT = math.log(1e-5)  # = inverse_sigmoid(0, eps=1e-5): the lowest logit the full path produces
 
 
-def nms_uses_per_class_variant(num_candidates: int, device: torch.device) -> bool:
-    """torchvision 0.29 `batched_nms`: per-class `nms` on raw boxes iff `boxes.numel() > 4000` on CPU
-    (`> 100_000` elsewhere), else one `nms` on class-shifted boxes (tests/test_pruned_eval.py checks
-    this against the installed torchvision)."""
-    return 4 * num_candidates > (4000 if device.type == "cpu" else 100_000)
+# Rounds per device type (module doc, "The schedule"): (first chunk, growth).
+SCHEDULES = {"cpu": (50, 1.25), "cuda": (256, 2.0)}
+REFERENCE_SCHEDULE = (50, 1.25)  # every device, before issue 19
 
 
 @dataclass(frozen=True)
@@ -99,20 +110,27 @@ class PruneSpec:
     """What the pruned path must reproduce (PostProcess's settings) and its chunk schedule.
 
     max_detections / use_nms: those of the PostProcess that reads the outputs. first_chunk: queries
-    scored per image in the first round; each later round scores `growth` times more (small steps:
-    on a CPU one box through layer4 costs far more than a stopping check, so overshoot is what
-    costs; 50 × 1.25ⁿ reaches 1000 queries in 9 rounds).
+    scored per image in the first round; each later round scores `growth` times more. None: the
+    device's schedule (`SCHEDULES`: on a CPU 50 × 1.25ⁿ, 9 rounds to 1000 queries; on CUDA 256 × 2ⁿ).
+    plan: start with at least `first_stop_position` queries (the fewest at which stopping is possible).
     """
 
     max_detections: int = 100
     use_nms: bool = True
-    first_chunk: int = 50
-    growth: float = 1.25
+    first_chunk: int | None = None
+    growth: float | None = None
     prune: bool = True  # False: score every query (`--no_prune_eval`), in the same chunks
+    plan: bool = True
 
     @classmethod
     def for_postprocess(cls, post: PostProcess, **kwargs) -> PruneSpec:
         return cls(max_detections=post.max_detections, use_nms=post.use_nms, **kwargs)
+
+    def schedule(self, device: torch.device) -> tuple[int, float]:
+        """(first chunk, growth) on `device`."""
+        first, growth = SCHEDULES.get(device.type, SCHEDULES["cuda"]) if fast_eval_enabled() else REFERENCE_SCHEDULE
+        return (first if self.first_chunk is None else self.first_chunk,
+                growth if self.growth is None else self.growth)
 
 
 def score_bound(objectness: torch.Tensor) -> torch.Tensor:
@@ -135,6 +153,8 @@ def _can_stop(logits: torch.Tensor, boxes_xyxy: torch.Tensor, boxes: torch.Tenso
     if not bool(remaining.any()):
         return "complete"  # every query that can matter is scored: the same candidates as the full path
     beta = bound[remaining].max()
+    if fast_eval_enabled() and int((logits.sigmoid() > beta).sum()) < spec.max_detections:
+        return None  # fewer than K scores above β: K kept detections above it are impossible
     kept = post({"pred_logits": logits[None], "pred_boxes": boxes[None]},
                 torch.ones(1, 2, dtype=boxes.dtype, device=boxes.device))[0]["scores"]
     if kept.numel() < spec.max_detections or not bool(kept[-1] > beta):
@@ -212,6 +232,34 @@ def nms_decisions_certain(boxes: torch.Tensor, labels: torch.Tensor, all_boxes: 
     return bool(certain.all())
 
 
+def first_stop_position(bounds: torch.Tensor, num_classes: int, max_detections: int) -> int:
+    """The fewest queries that must be scored before scoring can stop early (module doc, "The schedule").
+
+    bounds `[P]`: the potential queries' `score_bound`s in scoring order (descending). With p scored,
+    stopping needs K = `max_detections` kept detections above β_p = bounds[p]; query i contributes at
+    most `min(C, floor(bounds[i] (1 + COUNT_SLACK) / β_p))` scores above β_p. Returns the smallest p with
+    a total ≥ K (the total never decreases with p), or P if there is none (stop only when complete).
+    """
+    total_queries = bounds.shape[0]
+    bounds = bounds.double().cpu()  # one copy from the device, then host arithmetic
+
+    def possible(p: int) -> bool:
+        beta = bounds[p]
+        if not bool(torch.isfinite(beta)) or not bool(beta > 0):
+            return False
+        per_query = torch.floor(bounds[:p] * (1 + COUNT_SLACK) / beta).clamp(max=num_classes)
+        return bool(per_query.sum() >= max_detections)
+
+    lo, hi = 1, total_queries  # the answer lies in [lo, hi]; hi = P means never
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if possible(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo if total_queries else 0
+
+
 ScoreFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
@@ -260,9 +308,12 @@ def pruned_logits(boxes: torch.Tensor, objectness: torch.Tensor, num_classes: in
 
     done = [n == 0 for n in num_potential]
     position = [0] * num_images
-    chunk = max(1, spec.first_chunk)
+    first, growth = spec.schedule(device)
+    # per image: the first round scores at least the queries stopping needs (depends on objectness only)
+    chunk = [max(1, first, first_stop_position(bound[b, order[b, :n]], num_classes, spec.max_detections)
+                 if spec.plan and fast_eval_enabled() else 1) for b, n in enumerate(num_potential)]
     while not all(done):
-        score_round([position[b] if done[b] else min(position[b] + chunk, num_potential[b])
+        score_round([position[b] if done[b] else min(position[b] + chunk[b], num_potential[b])
                      for b in range(num_images)])
         for b in range(num_images):
             if done[b]:
@@ -276,7 +327,7 @@ def pruned_logits(boxes: torch.Tensor, objectness: torch.Tensor, num_classes: in
             done[b] = reason is not None
             if trace is not None:
                 trace.append((b, position[b], reason))
-        chunk = max(chunk + 1, int(chunk * spec.growth))
+            chunk[b] = max(chunk[b] + 1, int(chunk[b] * growth))
     if not spec.prune and min(position) < num_queries:
         score_round([num_queries] * num_images)  # the non-candidates, so that every logit is real
     return logits, scored
@@ -294,6 +345,8 @@ def pruned_detection_logits(trunk: Backbone, layer3: NestedTensor, boxes: torch.
     PostProcess with `spec`'s settings gives on these the detections of the full path (module doc).
     """
     no_boxes = boxes.new_zeros(0, 4)
+    num_queries = boxes.shape[1]
+    head = RegionHead(trunk, layer3) if uses_fast_path(trunk) else None
 
     def score(picks: list[torch.Tensor]) -> list[torch.Tensor]:
         # One layer4 + attention-pool pass per image and chunk: a batched convolution or matrix product
@@ -304,9 +357,14 @@ def pruned_detection_logits(trunk: Backbone, layer3: NestedTensor, boxes: torch.
             if len(q) == 0:
                 out.append(text.new_zeros(0, text.shape[0]))
                 continue
-            only_b = [boxes[b, q] if i == b else no_boxes for i in range(len(picks))]
-            emb = region_embeddings(trunk, layer3, only_b)
-            out.append(detection_logits(emb[None], text, objectness[b, q][None], tau=tau)[0])
+            if head is not None:  # `expected`: the same in both modes, so the same numbers
+                emb = head.embed(b, boxes[b, q], expected=num_queries)
+            else:
+                only_b = [boxes[b, q] if i == b else no_boxes for i in range(len(picks))]
+                emb = region_embeddings(trunk, layer3, only_b)
+            with torch.autocast(emb.device.type, enabled=False):  # cosines and scores always in fp32
+                out.append(detection_logits(emb[None].float(), text.float(), objectness[b, q][None].float(),
+                                            tau=tau)[0])
         return out
 
     return pruned_logits(boxes, objectness, text.shape[0], score, spec)

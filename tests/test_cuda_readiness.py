@@ -1,5 +1,5 @@
 """The CUDA path without a GPU: training, evaluation, PostProcess and the Predictor on an emulated CUDA device
-(`tests.helpers.EmulatedCuda`: no device mixing, host syncs counted against a budget), a meta-device
+(`tests.emulated_cuda.EmulatedCuda`: no device mixing, host syncs counted against a budget), a meta-device
 training forward, a gradient for every trainable parameter under each config's flags, and the pieces that
 keep host syncs off the hot paths (matcher, GIoU, text embeddings, pinned batches)."""
 from __future__ import annotations
@@ -26,7 +26,8 @@ from models.matcher import MASKED_COST, unmasked
 from models.predictor import Predictor
 from models.prematch import resolve_boost
 from tests import golden
-from tests.helpers import DeviceMixError, EmulatedCuda, cut_queries, golden_train_targets
+from tests.emulated_cuda import DeviceMixError, EmulatedCuda
+from tests.helpers import cut_queries, golden_train_targets
 from util import box_ops
 from util.ema import ModelEMA
 from util.nested_tensor import NestedTensor

@@ -147,7 +147,7 @@ def test_demo_end_to_end_matches_the_predictor(small_checkpoint, tmp_path):
     wide = Image.open(COFFEE).convert("RGB").resize((300, 120), Image.BILINEAR)
     wide.save(inputs / "wide.jpg", quality=95)
     paths = [COFFEE, str(inputs / "wide.jpg")]
-    predictor = Predictor.from_checkpoint(small_checkpoint)
+    predictor = Predictor.from_checkpoint(small_checkpoint, device="cpu")
     unfiltered = predictor.predict(paths, list(COCO_OVD_CATEGORIES), max_detections=6)
     # A threshold between the coffee photo's scores, so that it removes some detections.
     threshold = round(float(unfiltered[0].scores[2:4].mean()), 6)
@@ -159,7 +159,7 @@ def test_demo_end_to_end_matches_the_predictor(small_checkpoint, tmp_path):
     assert 0 < sum(len(d) for d in expected) < sum(len(d) for d in unfiltered)
     out = tmp_path / "out"
     argv = ["--input", COFFEE, str(inputs / "*.jpg"), "--output", str(out), "--resume", str(small_checkpoint),
-            "--confidence-threshold", str(threshold), "--max-detections", "6"]
+            "--confidence-threshold", str(threshold), "--max-detections", "6", "--cpu"]
     assert demo.main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == ["coffee.png", "detections.json", "wide.png"]
     rows = json.load(open(out / "detections.json"))

@@ -45,23 +45,24 @@ def small_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def golden_factor1(cache_dir):
     return Predictor.from_checkpoint(golden.path("checkpoint_tiny.pth"), resize=False, target_class_factor=1.0,
-                                     cache_dir=cache_dir)
+                                     cache_dir=cache_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def golden_default(cache_dir):
-    return Predictor.from_checkpoint(golden.path("checkpoint_tiny.pth"), resize=False, cache_dir=cache_dir)
+    return Predictor.from_checkpoint(golden.path("checkpoint_tiny.pth"), resize=False, cache_dir=cache_dir,
+                                     device="cpu")
 
 
 @pytest.fixture(scope="module")
 def small(small_checkpoint, cache_dir):
-    return Predictor.from_checkpoint(small_checkpoint, cache_dir=cache_dir)
+    return Predictor.from_checkpoint(small_checkpoint, cache_dir=cache_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def small_noresize(small, cache_dir):
     return Predictor(small.model, use_nms=True, target_class_factor=small.target_class_factor, resize=False,
-                     cache_dir=cache_dir)
+                     cache_dir=cache_dir, device="cpu")
 
 
 def _assert_matches_golden(dets, ref, *, names=None, clip_to=None):
@@ -233,6 +234,21 @@ def test_names_the_text_encoder_cuts(golden_factor1):
         golden_factor1.predict(image, ["cat", long_a, long_b], max_detections=5)
 
 
+def test_main_warns_of_class_names_it_cuts(golden_factor1, capsys):
+    """main.py keeps the original's cut (a published number depends on it) and says which names it cuts."""
+    from types import SimpleNamespace
+
+    from main import warn_cut_names
+
+    long_name = "a very long name of some sort of object seen in the kitchen of a house"
+    dataset = SimpleNamespace(category_list=["cat", long_name, "dog"], ann_file="val.json")
+    warn_cut_names(golden_factor1.model.classifier, dataset, None)
+    out = capsys.readouterr().out
+    assert "warning: 1 of the 3 class names of val.json are cut to --text_len 15 tokens" in out and long_name in out
+    warn_cut_names(golden_factor1.model.classifier, SimpleNamespace(category_list=["cat"], ann_file="x.json"))
+    assert capsys.readouterr().out == ""
+
+
 def test_threshold_and_max_detections(small_noresize):
     image = Image.open(COFFEE_SAMPLE).convert("RGB").resize((96, 64), Image.BILINEAR)
     [all_dets] = small_noresize.predict(image, ["cup", "spoon", "table"], max_detections=20)
@@ -353,12 +369,12 @@ def text_tower_calls(monkeypatch):
 
 
 def test_disk_cache_is_reused_by_a_second_predictor(small_checkpoint, tmp_path, text_tower_calls):
-    first = Predictor.from_checkpoint(small_checkpoint, cache_dir=tmp_path)
+    first = Predictor.from_checkpoint(small_checkpoint, cache_dir=tmp_path, device="cpu")
     emb = first.text_embeddings(C65)
     assert text_tower_calls == [C65]
     first.text_embeddings(["cat", " dog "])
     assert text_tower_calls == [C65], "in memory: no second run"
-    second = Predictor.from_checkpoint(small_checkpoint, cache_dir=tmp_path)
+    second = Predictor.from_checkpoint(small_checkpoint, cache_dir=tmp_path, device="cpu")
     again = second.text_embeddings(C65)
     assert text_tower_calls == [C65], "the second predictor read the disk cache"
     assert torch.equal(again, emb)

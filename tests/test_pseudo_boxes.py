@@ -173,7 +173,7 @@ def test_pseudo_label_detects_each_image_with_its_tags(coco, tmp_path, capsys):
            "json" in out
     assert json.loads((tmp_path / "pseudo.json").read_text()) == merged
     # the same detections as the Predictor gives for that image and vocabulary (boxes in stored pixels, unclipped)
-    predictor = Predictor.from_checkpoint(golden.path("checkpoint_tiny.pth"))
+    predictor = Predictor.from_checkpoint(golden.path("checkpoint_tiny.pth"), device="cpu")
     raw = json.loads(tags.read_text())
     dataset = pseudo_label.open_dataset(_label_args(coco, tmp_path, tags))
     expected = []

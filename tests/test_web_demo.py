@@ -332,3 +332,22 @@ def test_serve_flags():
     assert args.serve and args.port == 7860 and args.host == "127.0.0.1"
     args = demo.get_parser().parse_args(["--serve", "--port", "8000", "--host", "0.0.0.0"])
     assert (args.port, args.host) == (8000, "0.0.0.0")
+
+
+def test_serve_passes_the_precision_to_the_predictor(monkeypatch):
+    """`demo.py --serve --precision bf16` builds the page's Predictor in bf16 (the flag demo.py documents)."""
+    from models.predictor import Predictor
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def from_checkpoint(checkpoint, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(Predictor, "from_checkpoint", from_checkpoint)
+    with pytest.raises(Stop):
+        demo_web.serve(demo.get_parser().parse_args(["--serve", "--precision", "bf16", "--cpu"]))
+    assert seen["precision"] == "bf16" and seen["device"] == "cpu"

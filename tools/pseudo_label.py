@@ -46,6 +46,7 @@ from datasets.lvis import LVIS_TRAIN_JSON, LvisDetection  # noqa: E402
 from models.predictor import Predictor, normalize_vocabulary  # noqa: E402
 from util import dist  # noqa: E402
 from util.atomic import write_json  # noqa: E402
+from util.run import run_cli  # noqa: E402
 
 COCO_TRAIN_JSON = "instances_train2017_base.json"
 MAX_DETECTIONS = 100  # PostProcess's top-k before the score threshold (the original's COCO setting)
@@ -261,4 +262,4 @@ def main(args) -> list[dict[str, Any]] | None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    sys.exit(run_cli(main, get_args_parser().parse_args(), "tools/pseudo_label.py"))

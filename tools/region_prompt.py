@@ -69,7 +69,7 @@ from util.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from util.logging import MetricLogger, SmoothedValue  # noqa: E402
 from util.nested_tensor import NestedTensor, collate_fn  # noqa: E402
 from util.rng import rng_state, set_rng_state  # noqa: E402
-from util.run import append_log, check_finite, resume_path, start_run, to_device  # noqa: E402
+from util.run import append_log, check_finite, resume_path, run_cli, start_run, to_device  # noqa: E402
 
 PROMPT_KEY = "attnpool.positional_embedding"  # the key the localizer's region prompt file holds
 TAU = 100.0  # CLIP's logit scale, hard-coded in the original
@@ -547,4 +547,4 @@ def main(args) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    sys.exit(run_cli(main, get_args_parser().parse_args(), "tools/region_prompt.py"))

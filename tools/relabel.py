@@ -63,6 +63,7 @@ from tools.region_prompt import (  # noqa: E402
 from util import dist  # noqa: E402
 from util.atomic import write_json  # noqa: E402
 from util.logging import MetricLogger  # noqa: E402
+from util.run import run_cli  # noqa: E402
 
 # The relabelled json each localizer config reads (its --label_version, SPEC §2.1; LVIS: datasets/lvis.py).
 RELABELLED_JSON = {
@@ -265,4 +266,4 @@ def main(args) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    sys.exit(run_cli(main, get_args_parser().parse_args(), "tools/relabel.py"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,17 @@ def to_device(targets: Sequence[dict], device: torch.device) -> list[dict]:
     other values (names, lists) as they are."""
     return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
             for t in targets]
+
+
+def run_cli(main, args: Any, name: str) -> int:
+    """`main(args)` for a command line: errors a user can fix (files, flags, checkpoints, a diverged loss)
+    as one line `<name>: error: ...` on stderr and exit status 1, not a traceback."""
+    try:
+        main(args)
+    except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 def check_finite(loss_value: float, terms: Mapping[str, torch.Tensor], *, where: str) -> None:
