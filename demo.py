@@ -15,9 +15,10 @@ results style: `image_id`, `file_name`, `bbox` [x, y, w, h] in pixels of the ima
 vocabularies and `--dataset`.
 
 Without a checkpoint (no `--resume`, no $CORA_CHECKPOINT, no checkpoints/cora_rn50.pth) and without
-`--input`, the demo runs the model trained by tools/toy/run_all.sh on the miniature world
-(`assets/toy/cora_toy.pth`) on toy scenes (`assets/toy/samples/`) with its 16 class names, four of
-which it never saw a box of; a published CORA checkpoint is needed for real photos.
+`--input`, the demo runs the model trained by tools/toy/run_all.sh and tools/toy/cora_plus_lvis.sh on the
+miniature world (`assets/toy/cora_toy.pth`, CORA+) on toy scenes
+(`assets/toy/samples/`) with its 16 class names, four of which no annotated box ever showed it (only its own
+pseudo boxes); a published CORA checkpoint is needed for real photos.
 
 `--dataset` draws the first `--num_images` images of a COCO-format val split (`--coco_path`:
 `val2017/` and `annotations/`) with their detections for the split's own categories, as the

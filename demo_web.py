@@ -289,7 +289,8 @@ def model_title(checkpoint: Path, toy: bool, predictor) -> str:
         from tools.toy.world import NOVEL_NAMES
 
         return (f"The bundled miniature model (`{checkpoint.relative_to(ROOT)}`), trained on toy shapes: "
-                f"it never saw a box of the novel classes {', '.join(NOVEL_NAMES)}. Any name works; pass "
+                f"no annotated box showed it the novel classes {', '.join(NOVEL_NAMES)} (CORA+: only its own "
+                f"pseudo boxes). Any name works; pass "
                 f"`--resume` a published CORA checkpoint for photos. Device: {predictor.device}.")
     return f"Checkpoint `{checkpoint}`, device {predictor.device}."
 

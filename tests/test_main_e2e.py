@@ -28,9 +28,15 @@ def _log(output_dir):
     return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
 
 
-def test_train_resume_and_evaluate(coco_root, tmp_path):
-    straight = tmp_path / "straight"
-    run(coco_root, straight, "--epochs", "2")
+@pytest.fixture(scope="module")
+def straight(coco_root, tmp_path_factory):
+    """An uninterrupted two-epoch run, the reference of the interrupted ones."""
+    output_dir = tmp_path_factory.mktemp("straight")
+    run(coco_root, output_dir, "--epochs", "2")
+    return output_dir
+
+
+def test_train_resume_and_evaluate(coco_root, straight, tmp_path):
     log = _log(straight)
     assert [entry["epoch"] for entry in log] == [0, 1]
     assert len(log[-1]["test_coco_eval_bbox"]) == 16
@@ -61,13 +67,11 @@ def test_train_resume_and_evaluate(coco_root, tmp_path):
     assert stats == pytest.approx(_log(straight)[1]["test_coco_eval_bbox"], abs=1e-12)
 
 
-def test_evaluation_a_kill_interrupted_is_finished_on_resume(coco_root, tmp_path, monkeypatch):
+def test_evaluation_a_kill_interrupted_is_finished_on_resume(coco_root, straight, tmp_path, monkeypatch):
     """Killed after epoch 0's checkpoint.pth was written but during its evaluation: started again, the run
     first evaluates and logs epoch 0, then goes on, exactly as an uninterrupted run."""
     import main as cora_main
 
-    straight = tmp_path / "straight"
-    run(coco_root, straight, "--epochs", "2", "--split_class_p", "0")
     killed = tmp_path / "killed"
     original = cora_main.run_evaluation
 
@@ -76,10 +80,10 @@ def test_evaluation_a_kill_interrupted_is_finished_on_resume(coco_root, tmp_path
 
     monkeypatch.setattr(cora_main, "run_evaluation", killed_during_evaluation)
     with pytest.raises(KeyboardInterrupt):
-        run(coco_root, killed, "--epochs", "2", "--split_class_p", "0")
+        run(coco_root, killed, "--epochs", "2")
     assert load_checkpoint(killed / "checkpoint.pth")["epoch"] == 0 and not (killed / "log.txt").exists()
     monkeypatch.setattr(cora_main, "run_evaluation", original)
-    run(coco_root, killed, "--epochs", "2", "--split_class_p", "0")
+    run(coco_root, killed, "--epochs", "2")
     assert [e["epoch"] for e in _log(killed)] == [0, 1]
     for a, b in zip(_log(straight), _log(killed), strict=True):
         assert a["test_coco_eval_bbox"] == pytest.approx(b["test_coco_eval_bbox"], abs=1e-12)

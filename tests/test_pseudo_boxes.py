@@ -274,7 +274,7 @@ def test_cora_plus_pipeline_script(dataset, repo, tmp_path):
         make_tiny_lvis(root)
         pseudo = root / "pseudo_label_thr0.2.json"
     tiny = ["--model_path", golden.path("clip_tiny.pt"), "--region_prompt_path", golden.path("region_prompt_tiny.pth"),
-            "--enc_layers", "2", "--dec_layers", "3", "--dim_feedforward", "256", "--num_queries", "300",
+            "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64", "--num_queries", "30",
             "--text_dim", "64", "--batch_size", "2", "--num_workers", "0", "--device", "cpu", "--epochs", "1"]
     env = launch_environ(OMP_NUM_THREADS="2", data_path=str(root), lvis_path=str(root),
                          CHECKPOINT=golden.path("checkpoint_tiny.pth"), PSEUDO_ARGS="--det_thr 0.001 --device cpu",

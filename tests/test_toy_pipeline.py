@@ -6,7 +6,7 @@
   a world it has never seen (200 scenes of seed 1; it was trained on seed 0) with novel AP50 >= 30 and base >= 50,
   through the same predictor `bash demo.sh` uses, scored by the project's COCO OVD evaluator.
 * `bash demo.sh` without arguments runs that model on the bundled toy scenes.
-* run_all.sh at toy-of-toy size (3 minutes): every stage runs through the project's own commands and
+* run_all.sh at toy-of-toy size (3 to 4 minutes): every stage runs through the project's own commands and
   configs, in order, and leaves its output (world, CLIP archive, region prompt, relabelled json,
   localizer log with the 16 COCO OVD numbers), its CLIP classifies crops and boxes far above chance;
   a second call skips every stage.
@@ -87,7 +87,7 @@ def test_shortened_pipeline_runs_every_stage(repo, tmp_path):
     view = repo
     env = launch_environ(data_path=str(tmp_path / "world"),
                          WORLD_ARGS="--train 300 --val 60 --captions 3000 --test_per_class 4 --workers 1",
-                         CLIP_ARGS="--steps 250",
+                         CLIP_ARGS="--steps 150",
                          PROMPT_ARGS="--epochs 1",
                          LOCALIZER_ARGS="--epochs 1 --eval_every_epoch 1 --num_queries 30")
     proc = subprocess.run(["bash", "tools/toy/run_all.sh"], cwd=view, env=env, capture_output=True, text=True,
@@ -95,11 +95,11 @@ def test_shortened_pipeline_runs_every_stage(repo, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     world = tmp_path / "world"
     clip_report = json.loads((world / "clip_toy.json").read_text())
-    assert clip_report["steps"] == 250 and clip_report["region_pairs"] is True
-    # 2 minutes of CLIP training already classify held-out crops and val boxes, novel ones included, far
-    # above chance (1/16); measured: crops 31%, boxes 32% (novel 23%). The localizer needs far more steps
-    # than CI can give (this world with 5 epochs, 4 minutes in all: novel AP50 0.2); the bundled model's
-    # test above guards detection accuracy.
+    assert clip_report["steps"] == 150 and clip_report["region_pairs"] is True
+    # 150 steps of CLIP training (about 2 minutes here) already classify held-out crops and val boxes, novel
+    # ones included, far above chance (1/16); measured: crops 20% (novel 31%), boxes 26% (novel 21%). The
+    # localizer needs far more steps than CI can give (this world with 5 epochs, 4 minutes in all: novel AP50
+    # 0.2); the bundled model's test above guards detection accuracy.
     chance = 1 / len(CLASS_NAMES)
     assert clip_report["zero_shot"]["all"] > 2 * chance, clip_report["zero_shot"]
     assert set(torch.load(view / "logs" / "region_prompt_toy.pth", weights_only=True)) == {

@@ -31,7 +31,7 @@ from tests.conftest import HANG_GUARD_S
 ROOT = Path(__file__).resolve().parent.parent
 SCENE = demo.TOY_SAMPLES_DIR / "000000000002.jpg"
 SECOND = demo.TOY_SAMPLES_DIR / "000000000008.jpg"
-# "lightning" is a novel class of the toy world: the bundled model never saw a box of it.
+# "lightning" is a novel class of the toy world: no annotated box of it was in the bundled model's training.
 VOCABULARY = ["flower", "lightning", "diamond", "square", "crescent"]
 LONG_NAME = "big red spotted heart with a golden border"
 
