@@ -45,3 +45,15 @@ def repo(tmp_path):
         if item.name not in {"logs", "outputs", "checkpoints", "data"}:
             (view / item.name).symlink_to(item)
     return view
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The golden miniature CORA (its checkpoint's EMA weights) in eval mode, and its PostProcess."""
+    from models import build_model
+    from tests import golden
+    from util.checkpoint import pick_weights
+
+    model, _, post = build_model(golden.model_args())
+    model.load_state_dict(pick_weights(golden.load("checkpoint_tiny.pth"), use_ema=True), strict=True)
+    return model.eval(), post["bbox"]

@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.ops import box_iou, roi_align
 
 import models.pruned_eval as pruned_eval
-from models import ModelConfig, build_cora, build_model
+from models import ModelConfig, build_cora
 from models.backbone import (
     Backbone,
     FoldedTrunk,
@@ -38,7 +38,6 @@ from models.region_head import (
 )
 from tests import golden
 from util.box_ops import inverse_sigmoid
-from util.checkpoint import pick_weights
 from util.nested_tensor import NestedTensor
 
 # A miniature RN50-like CLIP (RN50's block counts are not needed: the structure is)
@@ -259,14 +258,6 @@ def test_region_head_rows_do_not_depend_on_other_chunks(trunk):
 
 
 # --------------------------------------------------------------------------- detections
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    args = golden.model_args()
-    model, _, post = build_model(args)
-    model.load_state_dict(pick_weights(golden.load("checkpoint_tiny.pth"), use_ema=True), strict=True)
-    return model.eval(), post["bbox"]
 
 
 def _same_detections(ref: list[dict], fast: list[dict], sizes: torch.Tensor) -> None:

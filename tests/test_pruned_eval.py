@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.ops import nms
 
 from datasets.coco_ovd import COCO_OVD_NOVEL_INDICES
-from models import ModelConfig, build_cora, build_model
+from models import ModelConfig, build_cora
 from models.clip import read_clip_archive, resolve_archive_path
 from models.inference import detect
 from models.postprocess import SCORE_THRESHOLD, PostProcess, class_wise_nms, nms_uses_per_class_variant
@@ -30,7 +30,6 @@ from models.pruned_eval import (
 )
 from tests import golden
 from util.box_ops import inverse_sigmoid
-from util.checkpoint import pick_weights
 from util.nested_tensor import NestedTensor
 
 SIZES = torch.tensor([[480.0, 640.0]])
@@ -278,14 +277,6 @@ def _compare(model, post, samples, categories, sizes, boost=None):
     assert torch.equal(full["class_logits"][scored], pruned["class_logits"][scored])
     _assert_same_detections(full_detected.results, pruned_detected.results)
     return pruned_detected, full_detected
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    args = golden.model_args()
-    model, _, post = build_model(args)
-    model.load_state_dict(pick_weights(golden.load("checkpoint_tiny.pth"), use_ema=True), strict=True)
-    return model.eval(), post["bbox"]
 
 
 def _boost(factor):
