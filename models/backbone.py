@@ -98,10 +98,6 @@ class FoldedBlock:
         self.down = _fold(block.downsample[1], block.downsample[2]) if block.downsample is not None else None
         self.stride = block.stride
 
-    def tensors(self) -> list[torch.Tensor]:
-        convs = [self.conv1, self.conv2, self.conv3] + ([self.down] if self.down is not None else [])
-        return [t for conv in convs for t in conv]
-
     def cast(self, dtype: torch.dtype) -> FoldedBlock:
         out = object.__new__(FoldedBlock)
         for name in ("conv1", "conv2", "conv3", "down"):
@@ -127,15 +123,12 @@ class FoldedTrunk:
 
     `stem` holds the three stem convolutions `(weight, bias)` (stride 2, 1, 1; each + ReLU, then a 2x2
     average pool); `layers[i]` the FoldedBlocks of layer i+1. The image trunk runs channels-last
-    (oneDNN's preferred layout for these convolutions on a CPU) when `channels_last`.
+    (oneDNN's preferred layout for these convolutions on a CPU).
     """
 
-    def __init__(self, visual_body: nn.Module, *, dtype: torch.dtype | None = None):
+    def __init__(self, visual_body: nn.Module):
         self.stem = [_fold(getattr(visual_body, f"conv{i}"), getattr(visual_body, f"bn{i}")) for i in (1, 2, 3)]
         self.layers = [[FoldedBlock(block) for block in getattr(visual_body, f"layer{i}")] for i in (1, 2, 3, 4)]
-        if dtype is not None:
-            self.stem = [tuple(t.to(dtype) for t in conv) for conv in self.stem]
-            self.layers = [[block.cast(dtype) for block in layer] for layer in self.layers]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -147,12 +140,10 @@ class FoldedTrunk:
         out.layers = [[block.cast(dtype) for block in layer] for layer in self.layers]
         return out
 
-    def forward_maps(self, images: torch.Tensor, *, channels_last: bool = True) -> dict[str, torch.Tensor]:
+    def forward_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """`[B,3,H,W]` -> {'layer3': `[B,E/2,H/16,W/16]`, 'layer4': `[B,E,H/32,W/32]`}, contiguous NCHW, in
-        the input's dtype."""
-        x = images.to(self.dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        the input's dtype (computed channels-last)."""
+        x = images.to(self.dtype).contiguous(memory_format=torch.channels_last)
         for i, conv in enumerate(self.stem):
             x = F.conv2d(x, *conv, stride=2 if i == 0 else 1, padding=1).relu_()
         x = F.avg_pool2d(x, 2)
